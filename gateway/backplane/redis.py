@@ -1,0 +1,223 @@
+"""Redis pub/sub backplane.
+
+One pub/sub connection per replica, subscribed to exactly the channels its clients want (the hub
+calls :meth:`subscribe` for a channel's first local subscriber and :meth:`unsubscribe` after its
+last). The reader task hands each message to ``on_message`` and goes straight back to reading:
+it never awaits a client, so Redis never sees this replica as a slow subscriber.
+
+The replica owns reconnection: redis-py's own retries are off, so a lost connection is seen at
+once, readiness turns false, and a fresh connection re-subscribes every wanted channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from typing import Any
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.backoff import full_jitter
+from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage
+
+__all__ = ["RedisBackplane"]
+
+log = logging.getLogger("gateway.backplane")
+
+_LOST = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class RedisBackplane(Backplane):
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        on_message: OnMessage,
+        *,
+        prefix: str = "ws:",
+        subscribe_timeout: float = 5.0,
+        reconnect_min: float = 0.1,
+        reconnect_max: float = 10.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(on_message)
+        self.prefix = prefix
+        self.subscribe_timeout = subscribe_timeout
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self._pool = ConnectionPool.from_url(
+            url,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=connect_timeout,
+            socket_keepalive=True,
+        )
+        self._redis = Redis(connection_pool=self._pool)
+        # A channel no client can name ("#" is not allowed in channel names): it keeps the
+        # connection in subscribe mode and its confirmation marks the end of a (re)subscribe.
+        self._probe = f"{prefix}#probe#{uuid.uuid4().hex}".encode()
+        self._wanted: set[str] = set()
+        self._waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        self._pubsub: PubSub | None = None
+        self._connected = False
+        self._lock = asyncio.Lock()  # keeps SUBSCRIBE/UNSUBSCRIBE in the order they were asked
+        self._task: asyncio.Task[None] | None = None
+        self.reconnects = 0
+        self.disconnected_since: float | None = time.monotonic()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def _key(self, channel: str) -> bytes:
+        return (self.prefix + channel).encode()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="redis-backplane")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._drop_connection(None)
+        await self._redis.aclose()
+        await self._pool.disconnect()
+
+    async def subscribe(self, channel: str) -> None:
+        if not self._connected or self._pubsub is None:
+            raise BackplaneUnavailable("backplane is reconnecting to Redis")
+        key = self._key(channel)
+        self._wanted.add(channel)
+        waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with self._lock:
+                self._waiters.setdefault(key, collections.deque()).append(waiter)
+                await self._pubsub.subscribe(key)
+            async with asyncio.timeout(self.subscribe_timeout):
+                await waiter
+        except (*_LOST, BackplaneUnavailable) as exc:
+            self._wanted.discard(channel)
+            await self.unsubscribe(channel)  # in case the SUBSCRIBE lands after all
+            raise BackplaneUnavailable(f"Redis did not confirm the subscription: {exc}") from None
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._wanted.discard(channel)
+        if not self._connected or self._pubsub is None:
+            return  # a fresh connection subscribes only what is still wanted
+        try:
+            async with self._lock:
+                await self._pubsub.unsubscribe(self._key(channel))
+        except _LOST as exc:
+            log.debug("unsubscribe %s failed: %s", channel, exc)
+
+    async def publish(self, channel: str, envelope: bytes) -> int:
+        try:
+            return int(await self._redis.publish(self._key(channel), envelope))
+        except _LOST as exc:
+            raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._connect()
+                attempt = 0
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except _LOST as exc:
+                was_connected = self._connected
+                await self._drop_connection(exc)
+                delay = full_jitter(attempt, self.reconnect_min, self.reconnect_max)
+                attempt += 1
+                if was_connected:
+                    log.warning("lost Redis: %s; reconnecting", exc or type(exc).__name__)
+                else:
+                    log.warning(
+                        "cannot reach Redis: %s; retry %d in %.2fs",
+                        exc or type(exc).__name__, attempt, delay,
+                    )
+                await asyncio.sleep(delay)
+
+    async def _connect(self) -> None:
+        pubsub = self._redis.pubsub()
+        self._pubsub = pubsub
+        async with self._lock:
+            wanted = set(self._wanted)
+            await pubsub.subscribe(*(self._key(c) for c in wanted), self._probe)
+        # Redis answers in order: the probe's confirmation comes after every other one.
+        while True:
+            message = await pubsub.get_message(timeout=self.subscribe_timeout)
+            if message is None:
+                raise asyncio.TimeoutError("no subscribe confirmation from Redis")
+            if message["type"] == "subscribe" and message["channel"] == self._probe:
+                break
+            self._handle(message)
+        self._connected = True
+        outage = None
+        if self.disconnected_since is not None:
+            outage = time.monotonic() - self.disconnected_since
+            self.disconnected_since = None
+        if self.reconnects or outage is None:
+            log.info("connected to Redis, %d channels subscribed", len(wanted))
+        else:
+            log.info("connected to Redis after %.2fs", outage)
+        self.reconnects += 1
+        stale = wanted - self._wanted  # left while we were reconnecting
+        for channel in stale:
+            await self.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        pubsub = self._pubsub
+        assert pubsub is not None
+        handle = self._handle
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is not None:
+                handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "message":
+            channel: bytes = message["channel"]
+            if channel.startswith(self.prefix.encode()):
+                name = channel[len(self.prefix) :].decode("utf-8", "replace")
+                try:
+                    self.on_message(name, message["data"])
+                except Exception:  # a bug in fan-out must not stop the reader
+                    log.exception("fan-out failed for channel %s", name)
+        elif kind == "subscribe":
+            waiters = self._waiters.get(message["channel"])
+            if waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _drop_connection(self, exc: BaseException | None) -> None:
+        self._connected = False
+        if self.disconnected_since is None:
+            self.disconnected_since = time.monotonic()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(BackplaneUnavailable(f"lost Redis: {exc}"))
+        self._waiters.clear()
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except _LOST:
+                pass

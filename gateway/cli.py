@@ -1,0 +1,111 @@
+"""``wsgateway``: run one replica until SIGTERM or SIGINT.
+
+Exit codes: 0 after a clean shutdown, 2 for an invalid setting, 1 when the replica cannot start
+(for example, its port is taken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import signal
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from gateway.server import Gateway
+from gateway.settings import Settings, env_name, flag_name
+
+__all__ = ["load_settings", "main"]
+
+log = logging.getLogger("gateway")
+
+
+class InvalidSetting(Exception):
+    pass
+
+
+def load_settings(argv: Sequence[str]) -> Settings:
+    """Settings from flags, then ``GATEWAY_*`` variables; InvalidSetting names the culprit."""
+    try:
+        return Settings(_cli_parse_args=list(argv))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        if field in Settings.model_fields:
+            name = f"{env_name(field)} ({flag_name(field)})"
+            secret = "url" in field or "secret" in field
+            shown = "" if secret else f", got {first.get('input')!r}"
+            raise InvalidSetting(f"invalid setting {name}: {first['msg']}{shown}") from None
+        raise InvalidSetting(f"invalid settings: {first['msg']}") from None
+    except SettingsError as exc:
+        raise InvalidSetting(str(exc).splitlines()[0]) from None
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # The library logs every failed handshake (port scanners, health checks from proxies).
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.root.level))
+
+
+def raise_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+async def serve(settings: Settings) -> None:
+    gateway = Gateway(settings)
+    await gateway.start()
+    log.info(
+        "listening on %s:%d, backplane %s%s",
+        settings.host, gateway.port, gateway.backplane_name,
+        " (in-process, one replica; set GATEWAY_REDIS_URL to run several)"
+        if gateway.backplane_name == "memory" else "",
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("signal received, shutting down")
+    await gateway.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        settings = load_settings(args)
+    except InvalidSetting as exc:
+        print(f"wsgateway: {exc}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings.log_level)
+    files = raise_file_limit()
+    log.info("file descriptor limit %d: room for about %d connections", files, files - 64)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is optional on some platforms
+        runner = asyncio.run
+    try:
+        runner(serve(settings))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

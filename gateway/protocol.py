@@ -1,0 +1,206 @@
+"""Client protocol version 1: requests, replies, message frames and close codes.
+
+Pure and I/O-free. Requests are JSON text frames; every request may carry an integer ``id``
+that is echoed in its reply. See ``docs/protocol.md`` for the full contract.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+import msgspec
+from websockets.frames import Frame, Opcode
+
+from gateway.envelope import Envelope
+from publisher.envelope import CHANNEL_MAX_LENGTH, is_valid_channel
+
+__all__ = [
+    "Close",
+    "ErrorCode",
+    "Outbound",
+    "Ping",
+    "Publish",
+    "Request",
+    "RequestError",
+    "Subscribe",
+    "Unsubscribe",
+    "error",
+    "message",
+    "parse_channel_list",
+    "parse_request",
+    "reply",
+]
+
+
+class Close(enum.IntEnum):
+    """Close codes the gateway sends, named for why it sends them."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # drain, shutdown
+    BINARY_NOT_ACCEPTED = 1003
+    POLICY_VIOLATION = 1008  # rate limit, auth revoked
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SLOW_CONSUMER = 1013  # try again later
+    TOKEN_EXPIRED = 4001
+
+
+class ErrorCode(enum.StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    FORBIDDEN = "forbidden"
+    LIMIT = "limit"
+    UNAVAILABLE = "unavailable"
+
+
+class RequestError(Exception):
+    """A request that gets an ``error`` reply; the connection stays open."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+# JavaScript clients hold ids as doubles: keep them exactly representable.
+RequestId = Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", frozen=True):
+    channel: str
+    id: RequestId | None = None
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op", frozen=True):
+    channel: str
+    id: RequestId | None = None
+
+
+class Publish(msgspec.Struct, tag="publish", tag_field="op", frozen=True):
+    channel: str
+    data: msgspec.Raw
+    id: RequestId | None = None
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="op", frozen=True):
+    id: RequestId | None = None
+
+
+Request = Subscribe | Unsubscribe | Publish | Ping
+OPS = ("subscribe", "unsubscribe", "publish", "ping")
+
+_request_decoder = msgspec.json.Decoder(Request)
+
+
+def _request_id(raw: Any) -> int | None:
+    value = raw.get("id") if isinstance(raw, dict) else None
+    if type(value) is int and -(2**53) <= value <= 2**53:
+        return value
+    return None
+
+
+def parse_request(text: str) -> Request:
+    """Parse one client text frame; raise :class:`RequestError` with the code to reply with."""
+    try:
+        request = _request_decoder.decode(text)
+    except msgspec.ValidationError as exc:
+        # Valid JSON of the wrong shape: look again, loosely, for the id and the op.
+        raw = msgspec.json.decode(text)
+        request_id = _request_id(raw)
+        if not isinstance(raw, dict):
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, "a request is a JSON object", request_id
+            ) from None
+        op = raw.get("op")
+        if op is None:
+            raise RequestError(ErrorCode.BAD_REQUEST, "missing 'op'", request_id) from None
+        if op not in OPS:
+            raise RequestError(
+                ErrorCode.UNKNOWN_OP,
+                f"unknown op {str(op)[:64]!r}; expected one of {', '.join(OPS)}",
+                request_id,
+            ) from None
+        raise RequestError(ErrorCode.BAD_REQUEST, str(exc), request_id) from None
+    except msgspec.DecodeError as exc:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"not valid JSON: {exc}") from None
+    if not isinstance(request, Ping) and not is_valid_channel(request.channel):
+        raise RequestError(ErrorCode.BAD_REQUEST, _bad_channel(request.channel), request.id)
+    return request
+
+
+def _bad_channel(channel: str) -> str:
+    shown = channel if len(channel) <= 64 else channel[:64] + "..."
+    return (
+        f"invalid channel name {shown!r}: 1 to {CHANNEL_MAX_LENGTH} characters "
+        "from A-Z a-z 0-9 _ . : @ / -"
+    )
+
+
+def parse_channel_list(value: str) -> list[str]:
+    """Parse the ``channels=a,b`` query parameter; raise ValueError naming the bad entry."""
+    channels: list[str] = []
+    for name in value.split(","):
+        if not is_valid_channel(name):
+            raise ValueError(_bad_channel(name))
+        if name not in channels:
+            channels.append(name)
+    return channels
+
+
+class Outbound:
+    """One server-to-client text message, encoded once and shared by every recipient.
+
+    ``frame`` is the complete unmasked WebSocket frame: server frames are never masked, so
+    without compression the same bytes serve every subscriber.
+    """
+
+    __slots__ = ("frame", "text")
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+        self.frame = Frame(Opcode.TEXT, text).serialize(mask=False)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+
+class _Message(msgspec.Struct):
+    op: str
+    channel: str
+    data: msgspec.Raw
+    mid: str
+    ts: int
+
+
+class _Reply(msgspec.Struct, omit_defaults=True):
+    op: str
+    channel: str | None = None
+    id: int | None = None
+
+
+class _Error(msgspec.Struct):
+    op: str
+    id: int | None
+    code: str
+    message: str
+
+
+_encode = msgspec.json.encode
+
+
+def message(envelope: Envelope) -> Outbound:
+    """The ``message`` frame for an envelope; ``data`` is copied byte for byte."""
+    return Outbound(
+        _encode(_Message("message", envelope.channel, envelope.data, envelope.mid, envelope.ts))
+    )
+
+
+def reply(op: str, request_id: int | None, channel: str | None = None) -> Outbound:
+    """``subscribed``/``unsubscribed`` (with channel), ``published`` and ``pong``."""
+    return Outbound(_encode(_Reply(op, channel, request_id)))
+
+
+def error(exc: RequestError) -> Outbound:
+    return Outbound(_encode(_Error("error", exc.request_id, exc.code.value, exc.message)))

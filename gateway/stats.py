@@ -1,0 +1,24 @@
+"""Counters of a replica, plain integers bumped in bulk on the hot path.
+
+Metrics exporters read them; nothing here does I/O or takes a lock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["Stats"]
+
+
+@dataclass(slots=True)
+class Stats:
+    connections_opened: int = 0
+    connections_open: int = 0
+    #: (close code, reason) -> count; reason is one of client, slow_consumer, drain, error...
+    closes: Counter[tuple[int, str]] = field(default_factory=Counter)
+    messages_received: int = 0  # envelopes from the backplane for channels with subscribers
+    fanout: int = 0  # messages handed to sessions (written through or queued)
+    dropped: int = 0  # messages discarded by drop-oldest / drop-newest
+    slow_consumers: int = 0  # sessions closed by the close policy
+    malformed: Counter[str] = field(default_factory=Counter)  # by reason

@@ -1,0 +1,150 @@
+"""The publishing contract: the envelope every message travels in through Redis.
+
+A message for channel ``C`` is a ``PUBLISH`` on Redis channel ``<prefix>C`` of the UTF-8 JSON
+encoding of :class:`Envelope`. This module is the single source of the rules (channel names,
+identifier and size limits); the gateway's fast decoder reuses these constants, and
+``docs/envelope.schema.json`` is generated from :class:`Envelope`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "CHANNEL_MAX_LENGTH",
+    "CHANNEL_PATTERN",
+    "MAX_ENVELOPE_BYTES",
+    "MID_MAX_LENGTH",
+    "TRACEPARENT_PATTERN",
+    "Envelope",
+    "EnvelopeError",
+    "build_envelope",
+    "check_channel",
+    "is_valid_channel",
+    "is_valid_mid",
+    "is_valid_traceparent",
+]
+
+CHANNEL_MAX_LENGTH = 128
+#: 1 to 128 characters from ``A-Z a-z 0-9 _ . : @ / -`` (DESIGN.md section 2).
+CHANNEL_PATTERN = r"^[A-Za-z0-9_.:@/\-]{1,128}$"
+MID_MAX_LENGTH = 128
+MID_PATTERN = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces: safe in logs and headers
+#: W3C trace context ``version-traceid-parentid-flags``.
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+TRACESTATE_MAX_LENGTH = 512
+#: Default ceiling on one encoded envelope; larger messages belong in object storage.
+MAX_ENVELOPE_BYTES = 1024 * 1024
+
+_channel_re = re.compile(CHANNEL_PATTERN)
+
+
+class EnvelopeError(ValueError):
+    """A message cannot be published as given (bad channel, bad id, too large, not JSON)."""
+
+
+_mid_re = re.compile(MID_PATTERN)
+_traceparent_re = re.compile(TRACEPARENT_PATTERN)
+
+
+# fullmatch, not the patterns' "$": Python's "$" also matches before a trailing newline.
+def is_valid_channel(channel: object) -> bool:
+    return isinstance(channel, str) and _channel_re.fullmatch(channel) is not None
+
+
+def is_valid_mid(mid: object) -> bool:
+    return isinstance(mid, str) and _mid_re.fullmatch(mid) is not None
+
+
+def is_valid_traceparent(value: object) -> bool:
+    return isinstance(value, str) and _traceparent_re.fullmatch(value) is not None
+
+
+def check_channel(channel: object) -> str:
+    if not is_valid_channel(channel):
+        raise EnvelopeError(
+            f"invalid channel name {channel!r}: 1 to {CHANNEL_MAX_LENGTH} characters "
+            "from A-Z a-z 0-9 _ . : @ / -"
+        )
+    assert isinstance(channel, str)
+    return channel
+
+
+Channel = Annotated[str, Field(pattern=CHANNEL_PATTERN, description="channel name, without prefix")]
+
+
+class Envelope(BaseModel):
+    """Version 1 of the envelope. Unknown fields are ignored so later versions can add some."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        frozen=True,
+        title="wsgateway envelope v1",
+        json_schema_extra={
+            "description": "Published on Redis channel <prefix><channel> (prefix default 'ws:') "
+            "as UTF-8 JSON; the gateway delivers `data` unchanged to every subscriber."
+        },
+    )
+
+    v: Literal[1] = Field(description="envelope version")
+    channel: Channel
+    data: Any = Field(description="any JSON value, delivered as published")
+    mid: str = Field(
+        pattern=MID_PATTERN, description="unique message id (printable ASCII, 1 to 128)"
+    )
+    ts: int = Field(ge=0, description="publish time, unix milliseconds")
+    traceparent: str | None = Field(
+        default=None, pattern=TRACEPARENT_PATTERN, description="W3C traceparent of the publisher"
+    )
+    tracestate: str | None = Field(
+        default=None, max_length=TRACESTATE_MAX_LENGTH, description="W3C tracestate"
+    )
+
+
+def new_mid() -> str:
+    return uuid.uuid4().hex
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def build_envelope(
+    channel: str,
+    data: Any,
+    *,
+    mid: str | None = None,
+    ts: int | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+    max_bytes: int = MAX_ENVELOPE_BYTES,
+) -> bytes:
+    """Validate and encode one envelope; raise :class:`EnvelopeError` on any bad input."""
+    check_channel(channel)
+    try:
+        envelope = Envelope(
+            v=1,
+            channel=channel,
+            data=data,
+            mid=new_mid() if mid is None else mid,
+            ts=now_ms() if ts is None else ts,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+        encoded = envelope.model_dump_json(exclude_none=True).encode()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "envelope"
+        raise EnvelopeError(f"invalid {field}: {first['msg']}") from None
+    except (TypeError, ValueError) as exc:  # data that JSON cannot represent
+        raise EnvelopeError(f"data is not JSON-serialisable: {exc}") from None
+    if len(encoded) > max_bytes:
+        raise EnvelopeError(
+            f"envelope is {len(encoded)} bytes, over the {max_bytes}-byte limit"
+        )
+    return encoded
