@@ -9,7 +9,7 @@ envelopes.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
@@ -19,7 +19,7 @@ __all__ = ["Envelope", "MalformedEnvelope", "decode_envelope"]
 
 
 class Envelope(msgspec.Struct, frozen=True):
-    v: Literal[1]
+    v: int | float  # JSON Schema's "const": 1 admits 1.0 too; checked below
     channel: str
     data: msgspec.Raw
     mid: str
@@ -55,6 +55,8 @@ def decode_envelope(payload: bytes, channel: str) -> Envelope:
         raise MalformedEnvelope("schema", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise MalformedEnvelope("json", str(exc)) from None
+    if envelope.v != 1:
+        raise MalformedEnvelope("schema", f"unsupported envelope version {envelope.v!r}")
     if envelope.channel != channel:
         raise MalformedEnvelope(
             "channel", f"envelope names channel {envelope.channel!r} but arrived on {channel!r}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
@@ -17,6 +16,7 @@ from gateway.envelope import MalformedEnvelope, decode_envelope
 from gateway.protocol import message
 from gateway.session import Session
 from gateway.stats import Stats
+from gateway.throttle import Throttle
 
 __all__ = ["Hub"]
 
@@ -42,7 +42,7 @@ class Hub:
         self.stats = stats
         self.backplane = make_backplane(self.dispatch)
         self._channels: dict[str, _Channel] = {}
-        self._malformed_logged_at = 0.0
+        self._malformed_log = Throttle()
 
     @property
     def channels(self) -> int:
@@ -73,9 +73,7 @@ class Hub:
 
     def _log_malformed(self, channel: str, exc: MalformedEnvelope) -> None:
         # One line a second at most: a broken publisher must not flood the log.
-        now = time.monotonic()
-        if now - self._malformed_logged_at >= 1.0:
-            self._malformed_logged_at = now
+        if self._malformed_log.ready():
             log.warning(
                 "dropped malformed envelope on channel %s (%s): %s; %d so far",
                 channel, exc.reason, exc, sum(self.stats.malformed.values()),

@@ -82,11 +82,16 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         await self.hub.backplane.start()
+        # A subclass per replica carries its socket options, so replicas in one process
+        # (tests) do not share them.
+        connection_class = type(
+            "SessionConnection", (SessionConnection,), {"send_buffer": s.send_buffer}
+        )
         self.server = await serve(
             self._handle,
             s.host,
             s.port,
-            create_connection=SessionConnection,
+            create_connection=connection_class,
             process_request=self._process_request,
             compression="deflate" if s.compression == "deflate" else None,
             max_size=s.max_message_size,
@@ -175,6 +180,11 @@ class Gateway:
             if code == Close.MESSAGE_TOO_BIG:
                 reason = "limit"
         self.stats.closes[(code, reason)] += 1
+        dropped = session.outbox.dropped if session.outbox is not None else 0
+        log.debug(
+            "connection %s closed: %d (%s), %d messages dropped by policy %s",
+            connection.id, code, reason, dropped, session.policy,
+        )
 
     async def _serve_request(self, session: Session, text: str) -> None:
         try:

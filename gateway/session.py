@@ -29,6 +29,7 @@ from gateway.access import Access
 from gateway.outbox import Outbox
 from gateway.protocol import Close, Outbound
 from gateway.settings import SlowConsumerPolicy
+from gateway.throttle import Throttle
 
 if TYPE_CHECKING:
     from gateway.stats import Stats
@@ -38,6 +39,7 @@ __all__ = ["Session", "SessionConnection"]
 log = logging.getLogger("gateway.session")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_eviction_log = Throttle()
 
 
 class SessionConnection(ServerConnection):
@@ -46,6 +48,16 @@ class SessionConnection(ServerConnection):
     session: Session | None = None
     #: Channels from the ``channels=`` query parameter, validated during the handshake.
     initial_channels: tuple[str, ...] = ()
+    #: SO_SNDBUF for client sockets; None leaves the kernel's autotuning.
+    send_buffer: int | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.send_buffer is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -125,8 +137,14 @@ class Session:
             outbox = self.outbox = Outbox(self.max_messages, self.max_bytes, self.policy)
         before = outbox.dropped
         if not outbox.push(item):
-            self.close(Close.SLOW_CONSUMER, "slow consumer")
             self.stats.slow_consumers += 1
+            if _eviction_log.ready():
+                log.warning(
+                    "closing slow consumer %s (1013): queue full at %d messages, %d bytes; "
+                    "%d more since the last line",
+                    connection.id, len(outbox), outbox.bytes, _eviction_log.take_suppressed(),
+                )
+            self.close(Close.SLOW_CONSUMER, "slow consumer")
             return
         if outbox.dropped != before:
             self.stats.dropped += outbox.dropped - before

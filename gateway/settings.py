@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         description="transport write buffer, bytes, above which a client counts as congested and "
         "its messages wait in its queue",
     )
+    send_buffer: int | None = Field(
+        None,
+        ge=4096,
+        description="SO_SNDBUF of client sockets, bytes; bounds the kernel memory a stalled "
+        "client can pin (unset: kernel autotuning, up to net.ipv4.tcp_wmem)",
+    )
     close_timeout: Seconds = Field(
         5.0, description="seconds a closing handshake may take before the socket is aborted"
     )

@@ -8,12 +8,13 @@ identifier and size limits); the gateway's fast decoder reuses these constants, 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "CHANNEL_MAX_LENGTH",
@@ -84,6 +85,9 @@ class Envelope(BaseModel):
     model_config = ConfigDict(
         extra="ignore",
         frozen=True,
+        # NaN and Infinity are not JSON: write them as the bare tokens so they can be refused
+        # below, instead of pydantic's silent null.
+        ser_json_inf_nan="constants",
         title="wsgateway envelope v1",
         json_schema_extra={
             "description": "Published on Redis channel <prefix><channel> (prefix default 'ws:') "
@@ -104,6 +108,26 @@ class Envelope(BaseModel):
     tracestate: str | None = Field(
         default=None, max_length=TRACESTATE_MAX_LENGTH, description="W3C tracestate"
     )
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        # Python's True == 1 would let `"v": true` through; JSON Schema's const does not.
+        if isinstance(value, bool):
+            raise ValueError("v must be the number 1")
+        return value
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(token)
+
+
+def _is_json(encoded: bytes) -> bool:
+    try:
+        json.loads(encoded, parse_constant=_reject_constant)
+    except ValueError:
+        return False
+    return True
 
 
 def new_mid() -> str:
@@ -143,6 +167,8 @@ def build_envelope(
         raise EnvelopeError(f"invalid {field}: {first['msg']}") from None
     except (TypeError, ValueError) as exc:  # data that JSON cannot represent
         raise EnvelopeError(f"data is not JSON-serialisable: {exc}") from None
+    if (b"NaN" in encoded or b"Infinity" in encoded) and not _is_json(encoded):
+        raise EnvelopeError("data contains NaN or Infinity, which JSON cannot carry")
     if len(encoded) > max_bytes:
         raise EnvelopeError(
             f"envelope is {len(encoded)} bytes, over the {max_bytes}-byte limit"

@@ -1,0 +1,11 @@
+"""Publish messages to wsgateway clients through Redis.
+
+>>> from publisher import Publisher
+>>> with Publisher("redis://localhost:6379/0") as pub:
+...     pub.publish("news", {"headline": "hello"})   # returns how many gateways received it
+"""
+
+from publisher.client import AsyncPublisher, Publisher
+from publisher.envelope import Envelope, EnvelopeError, build_envelope
+
+__all__ = ["AsyncPublisher", "Envelope", "EnvelopeError", "Publisher", "build_envelope"]

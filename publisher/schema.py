@@ -1,0 +1,19 @@
+"""Print the JSON Schema of the envelope: ``python -m publisher.schema > docs/envelope.schema.json``."""
+
+from __future__ import annotations
+
+import json
+
+from publisher.envelope import Envelope
+
+__all__ = ["envelope_schema"]
+
+
+def envelope_schema() -> str:
+    schema = Envelope.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(envelope_schema(), end="")

@@ -1,0 +1,259 @@
+"""Real processes for the tests: throwaway ``redis-server`` instances and ``wsgateway`` replicas.
+
+Nothing here is a stand-in: each helper starts the real program on a free loopback port in a
+temporary directory and can stop, kill or restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+async def async_wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s: {predicate}")
+        await asyncio.sleep(interval)
+
+
+class RedisServer:
+    """A ``redis-server`` of its own on a free port, persisting nothing."""
+
+    def __init__(self, workdir: Path) -> None:
+        if REDIS_SERVER is None:
+            raise RuntimeError("redis-server is not installed (./dev test installs it)")
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        assert REDIS_SERVER is not None
+        self.process = subprocess.Popen(
+            [
+                REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "--logfile", str(self.workdir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self.ping, timeout=10)
+
+    def ping(self) -> bool:
+        try:
+            return self.command("PING") == "PONG"
+        except OSError:
+            return False
+
+    def command(self, *args: str | bytes) -> Any:
+        """One command over a fresh socket, with a minimal RESP reader (tests only)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            parts = [a.encode() if isinstance(a, str) else a for a in args]
+            payload = b"*%d\r\n" % len(parts) + b"".join(
+                b"$%d\r\n%s\r\n" % (len(p), p) for p in parts
+            )
+            sock.sendall(payload)
+            return _read_resp(sock.makefile("rb"))
+
+    def publish(self, channel: str, payload: bytes | str) -> int:
+        return int(self.command("PUBLISH", channel, payload))
+
+    def pubsub_channels(self, pattern: str = "*") -> set[str]:
+        return {c for c in self.command("PUBSUB", "CHANNELS", pattern) if "#probe#" not in c}
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+def _read_resp(stream: Any) -> Any:
+    line = stream.readline()
+    if not line:
+        raise ConnectionError("Redis closed the connection")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RuntimeError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = stream.read(size + 2)[:-2]
+        return data.decode(errors="replace")
+    if kind == b"*":
+        return [_read_resp(stream) for _ in range(int(rest))]
+    raise ValueError(f"unexpected RESP line {line!r}")
+
+
+class GatewayProcess:
+    """A real ``wsgateway`` replica (``python -m gateway``) with its log captured to a file."""
+
+    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None, name: str = "gw") -> None:
+        self.workdir = workdir
+        self.name = name
+        self.port = free_port()
+        self.env = {
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(self.port),
+            "GATEWAY_LOG_LEVEL": "debug",
+            **(env or {}),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"{name}.log"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True) -> GatewayProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update(self.env)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway"], env=env, stdout=self._log, stderr=self._log
+        )
+        wait_until(lambda: self.http_status("/healthz") == 200 or not self.running, timeout=15)
+        if not self.running:
+            raise RuntimeError(f"{self.name} exited at start:\n{self.logs()}")
+        if wait_ready:
+            wait_until(lambda: self.http_status("/readyz") == 200, timeout=15)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def http_status(self, path: str) -> int | None:
+        try:
+            return self.http(path)[0]
+        except OSError:
+            return None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+GatewayFactory = Callable[..., GatewayProcess]
+
+
+@contextlib.asynccontextmanager
+async def client(url: str, **kwargs: Any) -> AsyncIterator[ClientConnection]:
+    """A real websockets client; keepalive off unless asked, so tests see only their frames."""
+    kwargs.setdefault("ping_interval", None)
+    kwargs.setdefault("open_timeout", 5)
+    async with websockets.connect(url, **kwargs) as ws:
+        yield ws
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        frame = await ws.recv()
+    value = json.loads(frame)
+    assert isinstance(value, dict)
+    return value
+
+
+async def request(ws: ClientConnection, payload: dict[str, Any] | str) -> dict[str, Any]:
+    await ws.send(payload if isinstance(payload, str) else json.dumps(payload))
+    return await recv_json(ws)
+
+
+async def expect_silence(ws: ClientConnection, seconds: float = 0.3) -> None:
+    """Assert that nothing arrives for ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            frame = await ws.recv()
+    except TimeoutError:
+        return
+    raise AssertionError(f"unexpected frame: {frame!r}")
+
+
+def envelope(channel: str, data: Any, mid: str = "m1", ts: int | None = None) -> bytes:
+    """A hand-written envelope, as a service in another language would publish it."""
+    return json.dumps(
+        {"v": 1, "channel": channel, "data": data, "mid": mid,
+         "ts": int(time.time() * 1000) if ts is None else ts}
+    ).encode()

@@ -1,0 +1,177 @@
+"""Protocol v1 over real sockets against a real replica on the embedded memory backplane."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.harness import GatewayFactory, GatewayProcess, client, expect_silence, recv_json, request
+
+
+async def test_subscribe_at_connect_and_by_request(memory_gateway: GatewayProcess) -> None:
+    async with client(memory_gateway.ws_url + "?channels=news,sports") as ws:
+        replies = [await recv_json(ws), await recv_json(ws)]
+        assert replies == [
+            {"op": "subscribed", "channel": "news"},
+            {"op": "subscribed", "channel": "sports"},
+        ]
+        assert await request(ws, {"op": "subscribe", "channel": "chat", "id": 1}) == {
+            "op": "subscribed", "channel": "chat", "id": 1
+        }
+        # Subscribing twice is harmless and answered the same way.
+        assert await request(ws, {"op": "subscribe", "channel": "chat", "id": 2}) == {
+            "op": "subscribed", "channel": "chat", "id": 2
+        }
+        assert await request(ws, {"op": "unsubscribe", "channel": "chat", "id": 3}) == {
+            "op": "unsubscribed", "channel": "chat", "id": 3
+        }
+        assert await request(ws, {"op": "ping", "id": 4}) == {"op": "pong", "id": 4}
+
+
+async def test_publish_from_a_client_reaches_subscribers_only(
+    memory_gateway: GatewayProcess,
+) -> None:
+    async with (
+        client(memory_gateway.ws_url + "?channels=chat") as alice,
+        client(memory_gateway.ws_url + "?channels=other") as bob,
+        client(memory_gateway.ws_url) as carol,
+    ):
+        await recv_json(alice)
+        await recv_json(bob)
+        data = {"text": "hello", "n": [1, 2.5, None]}
+        assert await request(
+            carol, {"op": "publish", "channel": "chat", "data": data, "id": 7}
+        ) == {"op": "published", "id": 7}
+        received = await recv_json(alice)
+        assert received["op"] == "message"
+        assert received["channel"] == "chat"
+        assert received["data"] == data
+        assert isinstance(received["mid"], str) and received["mid"]
+        assert isinstance(received["ts"], int)
+        await expect_silence(bob)
+        await expect_silence(carol)
+
+
+async def test_publish_is_refused_where_not_allowed(memory_gateway: GatewayProcess) -> None:
+    async with client(memory_gateway.ws_url + "?channels=news") as ws:
+        await recv_json(ws)
+        reply = await request(ws, {"op": "publish", "channel": "news", "data": 1, "id": 8})
+        assert reply["op"] == "error" and reply["code"] == "forbidden" and reply["id"] == 8
+        await expect_silence(ws)  # and nothing was delivered
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "request_id"),
+    [
+        ("{not json", "bad_request", None),
+        ('{"op":"teleport","id":1}', "unknown_op", 1),
+        ('{"op":"subscribe","id":2}', "bad_request", 2),
+        ('{"op":"subscribe","channel":"no spaces","id":3}', "bad_request", 3),
+        ('{"op":"unsubscribe","channel":"","id":4}', "bad_request", 4),
+        ('{"op":"publish","channel":"chat","id":5}', "bad_request", 5),
+        ('{"op":"ping","id":"x"}', "bad_request", None),
+        ("[]", "bad_request", None),
+        ("", "bad_request", None),
+    ],
+)
+async def test_bad_requests_get_an_error_and_the_connection_stays_open(
+    memory_gateway: GatewayProcess, frame: str, code: str, request_id: int | None
+) -> None:
+    async with client(memory_gateway.ws_url) as ws:
+        reply = await request(ws, frame)
+        assert reply["op"] == "error"
+        assert reply["code"] == code
+        assert reply["id"] == request_id
+        assert isinstance(reply["message"], str) and reply["message"]
+        assert await request(ws, {"op": "ping", "id": 99}) == {"op": "pong", "id": 99}
+
+
+async def test_binary_frame_closes_with_1003(memory_gateway: GatewayProcess) -> None:
+    async with client(memory_gateway.ws_url) as ws:
+        await ws.send(b"\x00\x01")
+        with pytest.raises(ConnectionClosed):
+            await recv_json(ws)
+        assert ws.close_code == 1003
+
+
+async def test_oversized_frame_closes_with_1009(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory({"GATEWAY_MAX_MESSAGE_SIZE": "1024"})
+    async with client(gateway.ws_url) as ws:
+        assert (await request(ws, {"op": "ping", "id": 1, "pad": "x" * 900}))["op"] == "pong"
+        await ws.send(json.dumps({"op": "ping", "pad": "x" * 2000}))
+        with pytest.raises(ConnectionClosed):
+            await recv_json(ws)
+        assert ws.close_code == 1009
+    # The replica is unharmed.
+    async with client(gateway.ws_url) as ws:
+        assert await request(ws, {"op": "ping", "id": 2}) == {"op": "pong", "id": 2}
+
+
+async def test_subscription_limit(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory({"GATEWAY_MAX_SUBSCRIPTIONS": "2"})
+    async with client(gateway.ws_url + "?channels=a,b") as ws:
+        await recv_json(ws)
+        await recv_json(ws)
+        reply = await request(ws, {"op": "subscribe", "channel": "c", "id": 1})
+        assert (reply["code"], reply["id"]) == ("limit", 1)
+        assert (await request(ws, {"op": "subscribe", "channel": "a", "id": 2}))["op"] == "subscribed"
+
+
+async def test_anonymous_channel_allow_list(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory({"GATEWAY_ANONYMOUS_CHANNELS": "public.*"})
+    async with client(gateway.ws_url + "?channels=secret") as ws:
+        reply = await recv_json(ws)
+        assert (reply["op"], reply["code"]) == ("error", "forbidden")
+        assert (await request(ws, {"op": "subscribe", "channel": "public.x", "id": 1}))[
+            "op"
+        ] == "subscribed"
+
+
+@pytest.mark.parametrize("query", ["channels=bad%20name", "channels=a,,b", "channels=" + "x" * 129])
+async def test_bad_channels_query_is_refused_at_the_handshake(
+    memory_gateway: GatewayProcess, query: str
+) -> None:
+    with pytest.raises(InvalidStatus) as caught:
+        async with client(f"{memory_gateway.ws_url}?{query}"):
+            pass
+    assert caught.value.response.status_code == 400
+    assert b"invalid channel name" in caught.value.response.body
+
+
+def test_health_endpoints(memory_gateway: GatewayProcess) -> None:
+    assert memory_gateway.http("/healthz") == (200, "ok\n")
+    assert memory_gateway.http("/readyz") == (200, "ready\n")
+    assert memory_gateway.http("/nope")[0] == 404
+    assert memory_gateway.http("/")[0] == 404
+    assert "backplane memory" in memory_gateway.logs()
+
+
+async def test_garbage_on_the_socket_does_not_harm_the_replica(
+    memory_gateway: GatewayProcess,
+) -> None:
+    for junk in (b"\x00" * 100, b"GET / HTTP/1.1\r\n\r\n", b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+        with socket.create_connection(("127.0.0.1", memory_gateway.port), timeout=5) as sock:
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                while sock.recv(4096):
+                    pass
+            except OSError:
+                pass
+    async with client(memory_gateway.ws_url) as ws:
+        assert await request(ws, {"op": "ping", "id": 1}) == {"op": "pong", "id": 1}
+    assert memory_gateway.running
+
+
+async def test_many_requests_keep_their_order(memory_gateway: GatewayProcess) -> None:
+    async with client(memory_gateway.ws_url) as ws:
+        for n in range(200):
+            await ws.send(json.dumps({"op": "ping", "id": n}))
+        ids = [(await recv_json(ws))["id"] for _ in range(200)]
+        assert ids == list(range(200))
+        await asyncio.sleep(0)

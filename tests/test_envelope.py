@@ -1,0 +1,150 @@
+"""The envelope contract: the pydantic model, the gateway's fast reader, and the JSON Schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from gateway.envelope import MalformedEnvelope, decode_envelope
+from publisher.envelope import Envelope, EnvelopeError, build_envelope
+from publisher.schema import envelope_schema
+
+SCHEMA_FILE = Path(__file__).parent.parent / "docs" / "envelope.schema.json"
+
+
+def test_committed_schema_matches_the_model() -> None:
+    assert SCHEMA_FILE.read_text() == envelope_schema(), (
+        "docs/envelope.schema.json is stale: python -m publisher.schema > docs/envelope.schema.json"
+    )
+
+
+def test_build_and_decode_round_trip() -> None:
+    data = {"price": 101.25, "tags": ["a", "é"], "n": None, "big": 2**70}
+    encoded = build_envelope("prices.eur", data, mid="abc", ts=1234)
+    envelope = decode_envelope(encoded, "prices.eur")
+    assert json.loads(bytes(envelope.data)) == data
+    assert (envelope.mid, envelope.ts, envelope.v) == ("abc", 1234, 1)
+
+
+def test_build_generates_mid_and_ts() -> None:
+    first = json.loads(build_envelope("c", 1))
+    second = json.loads(build_envelope("c", 1))
+    assert first["mid"] != second["mid"]
+    assert first["ts"] > 1_700_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("channel", "data", "kwargs", "match"),
+    [
+        ("bad channel", 1, {}, "invalid channel name"),
+        ("", 1, {}, "invalid channel name"),
+        ("x" * 129, 1, {}, "invalid channel name"),
+        ("c", float("nan"), {}, "NaN"),
+        ("c", [float("inf")], {}, "NaN or Infinity"),
+        ("c", object(), {}, "not JSON-serialisable"),
+        ("c", 1, {"mid": "has space"}, "invalid mid"),
+        ("c", 1, {"mid": ""}, "invalid mid"),
+        ("c", 1, {"ts": -1}, "invalid ts"),
+        ("c", "x" * 2000, {"max_bytes": 1000}, "over the 1000-byte limit"),
+        ("c", 1, {"traceparent": "nope"}, "invalid traceparent"),
+    ],
+)
+def test_build_refuses_bad_input(channel: str, data: Any, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(EnvelopeError, match=match):
+        build_envelope(channel, data, **kwargs)
+    assert issubclass(EnvelopeError, ValueError)
+
+
+GOOD = {"v": 1, "channel": "news", "data": {"a": 1}, "mid": "m", "ts": 5}
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\xff\xfe", "encoding"),
+        (b'{"v":1,"channel":"news","data":"\xff","mid":"m","ts":5}', "encoding"),
+        (b"not json", "json"),
+        (b'{"v":1,"channel":"news","data":1,"mid":"m","ts":5} trailing', "json"),
+        (b'{"v":1,"channel":"news","data":NaN,"mid":"m","ts":5}', "json"),
+        (b"[]", "schema"),
+        (json.dumps({**GOOD, "v": 2}).encode(), "schema"),
+        (json.dumps({**GOOD, "ts": -1}).encode(), "schema"),
+        (json.dumps({**GOOD, "ts": "5"}).encode(), "schema"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "data"}).encode(), "schema"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "mid"}).encode(), "schema"),
+        (json.dumps({**GOOD, "mid": "a b"}).encode(), "schema"),
+        (json.dumps({**GOOD, "mid": "m\n"}).encode(), "schema"),
+        (json.dumps({**GOOD, "traceparent": "00-xyz"}).encode(), "schema"),
+        (json.dumps({**GOOD, "channel": "sports"}).encode(), "channel"),
+    ],
+)
+def test_decode_refuses_malformed(payload: bytes, reason: str) -> None:
+    with pytest.raises(MalformedEnvelope) as caught:
+        decode_envelope(payload, "news")
+    assert caught.value.reason == reason
+
+
+def test_decode_ignores_unknown_fields() -> None:
+    envelope = decode_envelope(json.dumps({**GOOD, "future": [1]}).encode(), "news")
+    assert bytes(envelope.data) == b'{"a": 1}'
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+field_values = st.one_of(
+    json_values,
+    st.sampled_from([1, 2, 0, -1, "news", "", "a b", "m\n", "x" * 129, "00-" + "a" * 32 + "-"
+                     + "b" * 16 + "-01", "00-" + "A" * 32 + "-" + "b" * 16 + "-01"]),
+)
+ALTERNATIVES: dict[str, st.SearchStrategy[Any]] = {
+    "v": st.sampled_from([2, "1", 1.0, True]) | field_values,
+    "channel": st.sampled_from(["sports", "news\n", "News"]) | field_values,
+    "data": json_values,
+    "mid": st.sampled_from(["id-9", "", "é", "x" * 128, "x" * 129, "a\tb"]) | field_values,
+    "ts": st.sampled_from([0, -1, 2**63 - 1, 1.5, "5"]) | field_values,
+    "traceparent": st.sampled_from([None, "00-" + "a" * 32 + "-" + "b" * 16 + "-01"])
+    | field_values,
+    "tracestate": st.sampled_from([None, "k=v", "x" * 513]) | field_values,
+}
+VALID = {**GOOD, "traceparent": None, "tracestate": None}
+
+
+@st.composite
+def envelopes(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid envelope with a few fields dropped or replaced by something else."""
+    candidate: dict[str, Any] = {}
+    for name, strategy in ALTERNATIVES.items():
+        fate = draw(st.sampled_from(["keep"] * 4 + ["drop", "replace"]))
+        if fate == "keep" and (VALID[name] is not None or draw(st.booleans())):
+            candidate[name] = VALID[name]
+        elif fate == "replace":
+            candidate[name] = draw(strategy)
+    return candidate
+
+
+@settings(max_examples=400, deadline=None)
+@given(envelopes())
+def test_gateway_reader_agrees_with_the_model(candidate: dict[str, Any]) -> None:
+    """Whatever the model accepts the gateway delivers, and whatever it refuses is malformed."""
+    payload = json.dumps(candidate).encode()
+    try:
+        model = Envelope.model_validate_json(payload, strict=True)
+        model_ok = model.channel == "news"
+    except ValidationError:
+        model_ok = False
+    try:
+        decode_envelope(payload, "news")
+        reader_ok = True
+    except MalformedEnvelope:
+        reader_ok = False
+    event(f"accepted: {model_ok}")
+    assert reader_ok == model_ok, candidate
