@@ -76,7 +76,10 @@ class Hub:
         if self._malformed_log.ready():
             log.warning(
                 "dropped malformed envelope on channel %s (%s): %s; %d so far",
-                channel, exc.reason, exc, sum(self.stats.malformed.values()),
+                channel,
+                exc.reason,
+                exc,
+                sum(self.stats.malformed.values()),
             )
 
     async def subscribe(self, session: Session, channel: str) -> None:

@@ -104,7 +104,7 @@ def _request_id(raw: Any) -> int | None:
 def parse_request(text: str) -> Request:
     """Parse one client text frame; raise :class:`RequestError` with the code to reply with."""
     try:
-        request = _request_decoder.decode(text)
+        request: Request = _request_decoder.decode(text)
     except msgspec.ValidationError as exc:
         # Valid JSON of the wrong shape: look again, loosely, for the id and the op.
         raw = msgspec.json.decode(text)

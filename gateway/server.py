@@ -14,7 +14,6 @@ import logging
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
-
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -183,7 +182,11 @@ class Gateway:
         dropped = session.outbox.dropped if session.outbox is not None else 0
         log.debug(
             "connection %s closed: %d (%s), %d messages dropped by policy %s",
-            connection.id, code, reason, dropped, session.policy,
+            connection.id,
+            code,
+            reason,
+            dropped,
+            session.policy,
         )
 
     async def _serve_request(self, session: Session, text: str) -> None:
@@ -203,12 +206,17 @@ class Gateway:
 
     async def _subscribe(self, session: Session, channel: str, request_id: int | None) -> None:
         if not session.access.can_subscribe(channel):
-            _send_error(session, ErrorCode.FORBIDDEN, f"not allowed to subscribe to {channel!r}",
-                          request_id)
-            return
-        if channel not in session.channels and len(session.channels) >= self.settings.max_subscriptions:
             _send_error(
-                session, ErrorCode.LIMIT,
+                session, ErrorCode.FORBIDDEN, f"not allowed to subscribe to {channel!r}", request_id
+            )
+            return
+        if (
+            channel not in session.channels
+            and len(session.channels) >= self.settings.max_subscriptions
+        ):
+            _send_error(
+                session,
+                ErrorCode.LIMIT,
                 f"at most {self.settings.max_subscriptions} subscriptions per connection",
                 request_id,
             )
@@ -262,12 +270,15 @@ def _send_error(session: Session, code: ErrorCode, message: str, request_id: int
     session.send(error(RequestError(code, message, request_id)))
 
 
-def _close_reason(code: int) -> str:
-    return {
-        Close.SLOW_CONSUMER: "slow_consumer",
-        Close.GOING_AWAY: "drain",
-        Close.POLICY_VIOLATION: "rate_limit",
-        Close.TOKEN_EXPIRED: "auth",
-        Close.BINARY_NOT_ACCEPTED: "protocol",
-    }.get(code, "error")
+_CLOSE_REASONS: dict[int, str] = {
+    Close.SLOW_CONSUMER: "slow_consumer",
+    Close.GOING_AWAY: "drain",
+    Close.POLICY_VIOLATION: "rate_limit",
+    Close.TOKEN_EXPIRED: "auth",
+    Close.BINARY_NOT_ACCEPTED: "protocol",
+}
 
+
+def _close_reason(code: int) -> str:
+    """The low-cardinality reason of a close the gateway decided on."""
+    return _CLOSE_REASONS.get(code, "error")

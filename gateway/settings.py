@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ENV_PREFIX", "SlowConsumerPolicy", "Settings"]
+__all__ = ["ENV_PREFIX", "Settings", "SlowConsumerPolicy"]
 
 ENV_PREFIX = "GATEWAY_"
 
@@ -51,7 +51,9 @@ class Settings(BaseSettings):
         description="Redis URL, e.g. redis://redis:6379/0; unset: in-process memory backplane "
         "(one replica)",
     )
-    channel_prefix: str = Field("ws:", max_length=64, description="Redis channel = prefix + channel")
+    channel_prefix: str = Field(
+        "ws:", max_length=64, description="Redis channel = prefix + channel"
+    )
     queue_max_messages: int = Field(256, ge=1, description="per-client queue bound, messages")
     queue_max_bytes: int = Field(1024 * 1024, ge=1024, description="per-client queue bound, bytes")
     slow_consumer_policy: SlowConsumerPolicy = Field(

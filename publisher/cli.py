@@ -50,10 +50,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("json", nargs="?", help="the message: any JSON value")
     parser.add_argument("--stdin", action="store_true", help="read one JSON value per line")
     parser.add_argument(
-        "--redis-url", default=defaults.redis_url, help="[PUBLISHER_REDIS_URL] (default: %(default)s)"
+        "--redis-url",
+        default=defaults.redis_url,
+        help="[PUBLISHER_REDIS_URL] (default: %(default)s)",
     )
     parser.add_argument(
-        "--prefix", default=defaults.channel_prefix,
+        "--prefix",
+        default=defaults.channel_prefix,
         help="Redis channel prefix [PUBLISHER_CHANNEL_PREFIX] (default: %(default)s)",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")

@@ -170,7 +170,5 @@ def build_envelope(
     if (b"NaN" in encoded or b"Infinity" in encoded) and not _is_json(encoded):
         raise EnvelopeError("data contains NaN or Infinity, which JSON cannot carry")
     if len(encoded) > max_bytes:
-        raise EnvelopeError(
-            f"envelope is {len(encoded)} bytes, over the {max_bytes}-byte limit"
-        )
+        raise EnvelopeError(f"envelope is {len(encoded)} bytes, over the {max_bytes}-byte limit")
     return encoded

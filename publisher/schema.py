@@ -1,4 +1,7 @@
-"""Print the JSON Schema of the envelope: ``python -m publisher.schema > docs/envelope.schema.json``."""
+"""The envelope's JSON Schema, for publishers in other languages.
+
+Regenerate the committed copy with ``python -m publisher.schema > docs/envelope.schema.json``.
+"""
 
 from __future__ import annotations
 

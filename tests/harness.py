@@ -24,6 +24,10 @@ from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.client import ClientProtocol
+from websockets.frames import Frame
+from websockets.protocol import CONNECTING
+from websockets.uri import parse_uri
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -71,9 +75,19 @@ class RedisServer:
         assert REDIS_SERVER is not None
         self.process = subprocess.Popen(
             [
-                REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-                "--logfile", str(self.workdir / "redis.log"),
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--logfile",
+                str(self.workdir / "redis.log"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -140,7 +154,9 @@ def _read_resp(stream: Any) -> Any:
 class GatewayProcess:
     """A real ``wsgateway`` replica (``python -m gateway``) with its log captured to a file."""
 
-    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None, name: str = "gw") -> None:
+    def __init__(
+        self, workdir: Path, env: Mapping[str, str] | None = None, name: str = "gw"
+    ) -> None:
         self.workdir = workdir
         self.name = name
         self.port = free_port()
@@ -251,9 +267,59 @@ async def expect_silence(ws: ClientConnection, seconds: float = 0.3) -> None:
     raise AssertionError(f"unexpected frame: {frame!r}")
 
 
+class RawClient:
+    """A WebSocket client over a plain socket, driven by websockets' sans-I/O protocol.
+
+    It sends only what the test tells it to: pings go unanswered, close frames unacknowledged,
+    and it reads only when asked, like a peer that hung or stopped reading.
+    """
+
+    def __init__(self, url: str, rcvbuf: int | None = None) -> None:
+        self.protocol = ClientProtocol(parse_uri(url))
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        uri = parse_uri(url)
+        self.sock.connect((uri.host, uri.port))
+        self.protocol.send_request(self.protocol.connect())
+        self.sock.sendall(b"".join(self.protocol.data_to_send()))
+        while self.protocol.handshake_exc is None and self.protocol.state is CONNECTING:
+            self.feed(self.sock.recv(65536))
+        if self.protocol.handshake_exc is not None:
+            raise self.protocol.handshake_exc
+        self.protocol.data_to_send()  # forget anything the protocol wanted to send
+
+    def feed(self, data: bytes) -> list[Any]:
+        if data:
+            self.protocol.receive_data(data)
+        else:
+            self.protocol.receive_eof()
+        return list(self.protocol.events_received())
+
+    def read_frames(self, timeout: float) -> list[Frame]:
+        """Whatever frames arrive until the peer closes or ``timeout`` passes."""
+        frames: list[Frame] = []
+        self.sock.settimeout(timeout)
+        with contextlib.suppress(OSError):
+            while True:
+                data = self.sock.recv(65536)
+                frames.extend(e for e in self.feed(data) if isinstance(e, Frame))
+                if not data:
+                    break
+        return frames
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def envelope(channel: str, data: Any, mid: str = "m1", ts: int | None = None) -> bytes:
     """A hand-written envelope, as a service in another language would publish it."""
     return json.dumps(
-        {"v": 1, "channel": channel, "data": data, "mid": mid,
-         "ts": int(time.time() * 1000) if ts is None else ts}
+        {
+            "v": 1,
+            "channel": channel,
+            "data": data,
+            "mid": mid,
+            "ts": int(time.time() * 1000) if ts is None else ts,
+        }
     ).encode()

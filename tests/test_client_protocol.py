@@ -8,8 +8,17 @@ import socket
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close, Opcode
 
-from tests.harness import GatewayFactory, GatewayProcess, client, expect_silence, recv_json, request
+from tests.harness import (
+    GatewayFactory,
+    GatewayProcess,
+    RawClient,
+    client,
+    expect_silence,
+    recv_json,
+    request,
+)
 
 
 async def test_subscribe_at_connect_and_by_request(memory_gateway: GatewayProcess) -> None:
@@ -20,14 +29,20 @@ async def test_subscribe_at_connect_and_by_request(memory_gateway: GatewayProces
             {"op": "subscribed", "channel": "sports"},
         ]
         assert await request(ws, {"op": "subscribe", "channel": "chat", "id": 1}) == {
-            "op": "subscribed", "channel": "chat", "id": 1
+            "op": "subscribed",
+            "channel": "chat",
+            "id": 1,
         }
         # Subscribing twice is harmless and answered the same way.
         assert await request(ws, {"op": "subscribe", "channel": "chat", "id": 2}) == {
-            "op": "subscribed", "channel": "chat", "id": 2
+            "op": "subscribed",
+            "channel": "chat",
+            "id": 2,
         }
         assert await request(ws, {"op": "unsubscribe", "channel": "chat", "id": 3}) == {
-            "op": "unsubscribed", "channel": "chat", "id": 3
+            "op": "unsubscribed",
+            "channel": "chat",
+            "id": 3,
         }
         assert await request(ws, {"op": "ping", "id": 4}) == {"op": "pong", "id": 4}
 
@@ -118,7 +133,9 @@ async def test_subscription_limit(gateway_factory: GatewayFactory) -> None:
         await recv_json(ws)
         reply = await request(ws, {"op": "subscribe", "channel": "c", "id": 1})
         assert (reply["code"], reply["id"]) == ("limit", 1)
-        assert (await request(ws, {"op": "subscribe", "channel": "a", "id": 2}))["op"] == "subscribed"
+        assert (await request(ws, {"op": "subscribe", "channel": "a", "id": 2}))[
+            "op"
+        ] == "subscribed"
 
 
 async def test_anonymous_channel_allow_list(gateway_factory: GatewayFactory) -> None:
@@ -153,8 +170,12 @@ def test_health_endpoints(memory_gateway: GatewayProcess) -> None:
 async def test_garbage_on_the_socket_does_not_harm_the_replica(
     memory_gateway: GatewayProcess,
 ) -> None:
-    for junk in (b"\x00" * 100, b"GET / HTTP/1.1\r\n\r\n", b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n",
-                 b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+    for junk in (
+        b"\x00" * 100,
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ):
         with socket.create_connection(("127.0.0.1", memory_gateway.port), timeout=5) as sock:
             sock.sendall(junk)
             sock.shutdown(socket.SHUT_WR)
@@ -175,3 +196,27 @@ async def test_many_requests_keep_their_order(memory_gateway: GatewayProcess) ->
         ids = [(await recv_json(ws))["id"] for _ in range(200)]
         assert ids == list(range(200))
         await asyncio.sleep(0)
+
+
+async def test_keepalive_closes_a_client_that_stops_answering_pings(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = gateway_factory(
+        {
+            "GATEWAY_PING_INTERVAL": "0.3",
+            "GATEWAY_PING_TIMEOUT": "0.3",
+            "GATEWAY_CLOSE_TIMEOUT": "1",
+        }
+    )
+    silent = RawClient(gateway.ws_url)  # never answers a ping
+    try:
+        async with client(gateway.ws_url) as healthy:
+            frames = await asyncio.to_thread(silent.read_frames, 5.0)
+            opcodes = [frame.opcode for frame in frames]
+            assert Opcode.PING in opcodes
+            assert opcodes[-1] is Opcode.CLOSE
+            assert Close.parse(frames[-1].data).code == 1011
+            # The healthy client answered every ping and is still open.
+            assert (await request(healthy, {"op": "ping", "id": 2}))["id"] == 2
+    finally:
+        silent.close()

@@ -55,7 +55,9 @@ def test_build_generates_mid_and_ts() -> None:
         ("c", 1, {"traceparent": "nope"}, "invalid traceparent"),
     ],
 )
-def test_build_refuses_bad_input(channel: str, data: Any, kwargs: dict[str, Any], match: str) -> None:
+def test_build_refuses_bad_input(
+    channel: str, data: Any, kwargs: dict[str, Any], match: str
+) -> None:
     with pytest.raises(EnvelopeError, match=match):
         build_envelope(channel, data, **kwargs)
     assert issubclass(EnvelopeError, ValueError)
@@ -102,8 +104,21 @@ json_values = st.recursive(
 )
 field_values = st.one_of(
     json_values,
-    st.sampled_from([1, 2, 0, -1, "news", "", "a b", "m\n", "x" * 129, "00-" + "a" * 32 + "-"
-                     + "b" * 16 + "-01", "00-" + "A" * 32 + "-" + "b" * 16 + "-01"]),
+    st.sampled_from(
+        [
+            1,
+            2,
+            0,
+            -1,
+            "news",
+            "",
+            "a b",
+            "m\n",
+            "x" * 129,
+            "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+            "00-" + "A" * 32 + "-" + "b" * 16 + "-01",
+        ]
+    ),
 )
 ALTERNATIVES: dict[str, st.SearchStrategy[Any]] = {
     "v": st.sampled_from([2, "1", 1.0, True]) | field_values,

@@ -106,12 +106,17 @@ def test_channel_list() -> None:
 
 def test_replies() -> None:
     assert json.loads(reply("subscribed", 1, "news").text) == {
-        "op": "subscribed", "channel": "news", "id": 1
+        "op": "subscribed",
+        "channel": "news",
+        "id": 1,
     }
     assert json.loads(reply("pong", None).text) == {"op": "pong"}
     assert json.loads(reply("published", 3).text) == {"op": "published", "id": 3}
     assert json.loads(error(RequestError(ErrorCode.LIMIT, "too many", None)).text) == {
-        "op": "error", "id": None, "code": "limit", "message": "too many"
+        "op": "error",
+        "id": None,
+        "code": "limit",
+        "message": "too many",
     }
 
 

@@ -19,10 +19,15 @@ from tests.harness import (
 )
 
 
-def wspublish(redis_server: RedisServer, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def wspublish(
+    redis_server: RedisServer, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "publisher", "--redis-url", redis_server.url, *args],
-        input=stdin, capture_output=True, text=True, timeout=30,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -44,7 +49,9 @@ async def test_wspublish_reaches_subscribers_on_both_replicas_and_no_one_else(
         for ws in (a, b):
             got = await recv_json(ws)
             assert (got["op"], got["channel"], got["data"]) == (
-                "message", "news", {"headline": "hi", "n": 1.5}
+                "message",
+                "news",
+                {"headline": "hi", "n": 1.5},
             )
         await expect_silence(c)
         await expect_silence(d)
@@ -56,8 +63,10 @@ async def test_hand_written_envelope_is_delivered_byte_for_byte(
     one, _ = redis_gateways
     async with client(one.ws_url + "?channels=prices.eur") as ws:
         await recv_json(ws)
-        raw = (b'{"v":1,"channel":"prices.eur","data":{"bid": 1.10, "ask":1.1e0,"big":'
-               b'123456789012345678901234567890},"mid":"x-1","ts":1700000000000}')
+        raw = (
+            b'{"v":1,"channel":"prices.eur","data":{"bid": 1.10, "ask":1.1e0,"big":'
+            b'123456789012345678901234567890},"mid":"x-1","ts":1700000000000}'
+        )
         assert redis_server.publish("ws:prices.eur", raw) == 1
         frame = await ws.recv()
         assert frame == (
@@ -125,7 +134,12 @@ async def test_malformed_envelopes_are_counted_dropped_and_survived(
     async with client(one.ws_url + "?channels=news") as ws:
         await recv_json(ws)
         garbage = [
-            b"", b"\xff\xfe\x00", b"not json", b"[]", b"{}", b'{"v":1}',
+            b"",
+            b"\xff\xfe\x00",
+            b"not json",
+            b"[]",
+            b"{}",
+            b'{"v":1}',
             json.dumps({"v": 2, "channel": "news", "data": 1, "mid": "m", "ts": 1}).encode(),
             envelope("sports", 1),  # names another channel than it arrived on
             b'{"v":1,"channel":"news","data":"\xc3","mid":"m","ts":1}',

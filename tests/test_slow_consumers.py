@@ -46,8 +46,15 @@ async def publish_flood(redis_server: RedisServer, count: int = MESSAGES, start:
     publisher = redis.Redis.from_url(redis_server.url)
     try:
         for n in range(start, start + count):
-            payload = json.dumps({"v": 1, "channel": "feed", "data": {"n": n, "pad": PAD},
-                                  "mid": f"m{n}", "ts": int(time.time() * 1000)})
+            payload = json.dumps(
+                {
+                    "v": 1,
+                    "channel": "feed",
+                    "data": {"n": n, "pad": PAD},
+                    "mid": f"m{n}",
+                    "ts": int(time.time() * 1000),
+                }
+            )
             publisher.publish("ws:feed", payload)
             if n % 10 == 9:
                 await asyncio.sleep(0.005)
@@ -72,8 +79,9 @@ async def run_flood(
     gateway: GatewayProcess, redis_server: RedisServer
 ) -> tuple[list[list[int]], ClientConnection, contextlib.AsyncExitStack]:
     stack = contextlib.AsyncExitStack()
-    healthy = [await stack.enter_async_context(client(gateway.ws_url + "?channels=feed"))
-               for _ in range(2)]
+    healthy = [
+        await stack.enter_async_context(client(gateway.ws_url + "?channels=feed")) for _ in range(2)
+    ]
     stalled = await stack.enter_async_context(stalled_client(gateway.ws_url + "?channels=feed"))
     for ws in (*healthy, stalled):
         assert (await recv_json(ws))["op"] == "subscribed"
@@ -89,7 +97,8 @@ def start(redis_server: RedisServer, gateway_factory: GatewayFactory):  # type: 
 
 
 async def test_close_policy_evicts_the_stalled_client_and_spares_the_others(
-    start, redis_server: RedisServer  # type: ignore[no-untyped-def]
+    start,
+    redis_server: RedisServer,  # type: ignore[no-untyped-def]
 ) -> None:
     gateway = start("close")
     received, stalled, stack = await run_flood(gateway, redis_server)
@@ -106,7 +115,8 @@ async def test_close_policy_evicts_the_stalled_client_and_spares_the_others(
 
 
 async def test_drop_oldest_keeps_the_stalled_client_with_the_newest_messages(
-    start, redis_server: RedisServer  # type: ignore[no-untyped-def]
+    start,
+    redis_server: RedisServer,  # type: ignore[no-untyped-def]
 ) -> None:
     gateway = start("drop-oldest")
     received, stalled, stack = await run_flood(gateway, redis_server)
@@ -125,7 +135,8 @@ async def test_drop_oldest_keeps_the_stalled_client_with_the_newest_messages(
 
 
 async def test_drop_newest_keeps_what_was_queued(
-    start, redis_server: RedisServer  # type: ignore[no-untyped-def]
+    start,
+    redis_server: RedisServer,  # type: ignore[no-untyped-def]
 ) -> None:
     gateway = start("drop-newest")
     received, stalled, stack = await run_flood(gateway, redis_server)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import uuid
@@ -148,7 +149,9 @@ class RedisBackplane(Backplane):
                 else:
                     log.warning(
                         "cannot reach Redis: %s; retry %d in %.2fs",
-                        exc or type(exc).__name__, attempt, delay,
+                        exc or type(exc).__name__,
+                        attempt,
+                        delay,
                     )
                 await asyncio.sleep(delay)
 
@@ -162,7 +165,7 @@ class RedisBackplane(Backplane):
         while True:
             message = await pubsub.get_message(timeout=self.subscribe_timeout)
             if message is None:
-                raise asyncio.TimeoutError("no subscribe confirmation from Redis")
+                raise TimeoutError("no subscribe confirmation from Redis")
             if message["type"] == "subscribe" and message["channel"] == self._probe:
                 break
             self._handle(message)
@@ -217,7 +220,5 @@ class RedisBackplane(Backplane):
         self._waiters.clear()
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
-            try:
-                await pubsub.aclose()
-            except _LOST:
-                pass
+            with contextlib.suppress(*_LOST):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
