@@ -267,6 +267,20 @@ async def expect_silence(ws: ClientConnection, seconds: float = 0.3) -> None:
     raise AssertionError(f"unexpected frame: {frame!r}")
 
 
+def wspublish(
+    *args: str, stdin: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``wspublish`` (as ``python -m publisher``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "publisher", *args],
+        input=stdin,
+        env=None if env is None else {**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 class RawClient:
     """A WebSocket client over a plain socket, driven by websockets' sans-I/O protocol.
 

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+import redis
 
 from publisher import AsyncPublisher, EnvelopeError, Publisher
-from tests.harness import GatewayProcess, RedisServer, client, free_port, recv_json
+from tests.harness import GatewayProcess, RedisServer, client, free_port, recv_json, wspublish
 
 DEAD_REDIS = f"redis://127.0.0.1:{free_port()}/0"
-
-
-def wspublish(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "publisher", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 async def test_sync_and_async_publishers_count_the_gateways_that_received(
@@ -48,9 +37,7 @@ async def test_sync_and_async_publishers_count_the_gateways_that_received(
 def test_publisher_uses_the_prefix(redis_server: RedisServer) -> None:
     with Publisher(redis_server.url, prefix="app1:") as publisher:
         publisher.publish("news", 1)
-    # Nothing subscribes; the point is the Redis channel name, read back from a subscriber.
-    import redis
-
+    # Nothing subscribes yet; then read the Redis channel name back from a subscriber.
     r = redis.Redis.from_url(redis_server.url)
     pubsub = r.pubsub()
     pubsub.subscribe("app1:news")
@@ -64,25 +51,27 @@ def test_publisher_uses_the_prefix(redis_server: RedisServer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("channel", "data", "kwargs"),
+    ("channel", "data", "mid", "limit"),
     [
-        ("bad channel", 1, {}),
-        ("c", float("nan"), {}),
-        ("c", "x" * 2000, {"max_envelope_bytes": 1000}),
-        ("c", 1, {"mid": "bad mid"}),
+        ("bad channel", 1, None, 1024),
+        ("c", float("nan"), None, 1024),
+        ("c", "x" * 2000, None, 1000),
+        ("c", 1, "bad mid", 1024),
     ],
 )
 async def test_bad_input_raises_before_anything_reaches_redis(
-    channel: str, data: object, kwargs: dict[str, object]
+    channel: str, data: object, mid: str | None, limit: int
 ) -> None:
     # The Redis URL points at nothing: a ValueError, not a connection error, proves that the
     # message was refused before any attempt to reach Redis.
-    mid = kwargs.pop("mid", None)
-    with Publisher(DEAD_REDIS, **kwargs) as publisher, pytest.raises(ValueError):  # type: ignore[arg-type]
-        publisher.publish(channel, data, mid=mid)  # type: ignore[arg-type]
-    async with AsyncPublisher(DEAD_REDIS, **kwargs) as apublisher:  # type: ignore[arg-type]
+    with (
+        Publisher(DEAD_REDIS, max_envelope_bytes=limit) as publisher,
+        pytest.raises(ValueError),
+    ):
+        publisher.publish(channel, data, mid=mid)
+    async with AsyncPublisher(DEAD_REDIS, max_envelope_bytes=limit) as apublisher:
         with pytest.raises(EnvelopeError):
-            await apublisher.publish(channel, data, mid=mid)  # type: ignore[arg-type]
+            await apublisher.publish(channel, data, mid=mid)
 
 
 def test_wspublish_exit_codes(redis_server: RedisServer) -> None:
@@ -109,14 +98,5 @@ def test_wspublish_exit_codes(redis_server: RedisServer) -> None:
 
 
 def test_wspublish_reads_publisher_environment(redis_server: RedisServer) -> None:
-    import os
-
-    env = {**os.environ, "PUBLISHER_REDIS_URL": DEAD_REDIS}
-    result = subprocess.run(
-        [sys.executable, "-m", "publisher", "news", "1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = wspublish("news", "1", env={"PUBLISHER_REDIS_URL": DEAD_REDIS})
     assert result.returncode == 1

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 
 from tests.harness import (
     GatewayProcess,
@@ -16,19 +14,8 @@ from tests.harness import (
     expect_silence,
     recv_json,
     request,
+    wspublish,
 )
-
-
-def wspublish(
-    redis_server: RedisServer, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "publisher", "--redis-url", redis_server.url, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 async def test_wspublish_reaches_subscribers_on_both_replicas_and_no_one_else(
@@ -43,7 +30,7 @@ async def test_wspublish_reaches_subscribers_on_both_replicas_and_no_one_else(
     ):
         for ws in (a, b, c):
             assert (await recv_json(ws))["op"] == "subscribed"
-        result = wspublish(redis_server, "news", '{"headline": "hi", "n": 1.50}')
+        result = wspublish("--redis-url", redis_server.url, "news", '{"headline": "hi", "n": 1.50}')
         assert result.returncode == 0, result.stderr
         assert "reached 2 gateway(s)" in result.stdout
         for ws in (a, b):
@@ -162,7 +149,7 @@ async def test_messages_arrive_in_publish_order(
         await recv_json(a)
         await recv_json(b)
         lines = "".join(f"{n}\n" for n in range(500))
-        result = wspublish(redis_server, "seq", "--stdin", stdin=lines)
+        result = wspublish("--redis-url", redis_server.url, "seq", "--stdin", stdin=lines)
         assert result.returncode == 0, result.stderr
         for ws in (a, b):
             got = [(await recv_json(ws))["data"] for _ in range(500)]

@@ -7,7 +7,8 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 import redis
@@ -75,79 +76,73 @@ async def drain(ws: ClientConnection, timeout: float = 5.0) -> list[int]:
     return numbers
 
 
-async def run_flood(
-    gateway: GatewayProcess, redis_server: RedisServer
-) -> tuple[list[list[int]], ClientConnection, contextlib.AsyncExitStack]:
-    stack = contextlib.AsyncExitStack()
-    healthy = [
-        await stack.enter_async_context(client(gateway.ws_url + "?channels=feed")) for _ in range(2)
-    ]
-    stalled = await stack.enter_async_context(stalled_client(gateway.ws_url + "?channels=feed"))
-    for ws in (*healthy, stalled):
-        assert (await recv_json(ws))["op"] == "subscribed"
-    readers = [asyncio.create_task(collect(ws, MESSAGES)) for ws in healthy]
-    await publish_flood(redis_server)
-    received = await asyncio.gather(*readers)
-    return received, stalled, stack
+@dataclass
+class Flood:
+    """The outcome of flooding a channel with one stalled subscriber among healthy ones."""
+
+    gateway: GatewayProcess
+    stalled: ClientConnection
 
 
 @pytest.fixture
-def start(redis_server: RedisServer, gateway_factory: GatewayFactory):  # type: ignore[no-untyped-def]
-    return lambda policy: gateway_factory(gateway_env(redis_server, policy))
+async def flood(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> AsyncIterator[Callable[[str], Awaitable[Flood]]]:
+    """Start a replica with ``policy``, flood it, and check that healthy clients got everything."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def run(policy: str) -> Flood:
+            gateway = gateway_factory(gateway_env(redis_server, policy))
+            url = gateway.ws_url + "?channels=feed"
+            healthy = [await stack.enter_async_context(client(url)) for _ in range(2)]
+            stalled = await stack.enter_async_context(stalled_client(url))
+            for ws in (*healthy, stalled):
+                assert (await recv_json(ws))["op"] == "subscribed"
+            readers = [asyncio.create_task(collect(ws, MESSAGES)) for ws in healthy]
+            await publish_flood(redis_server)
+            for numbers in await asyncio.gather(*readers):
+                assert numbers == list(range(MESSAGES))  # every message, in order
+            return Flood(gateway, stalled)
+
+        yield run
 
 
 async def test_close_policy_evicts_the_stalled_client_and_spares_the_others(
-    start,
-    redis_server: RedisServer,  # type: ignore[no-untyped-def]
+    flood: Callable[[str], Awaitable[Flood]],
 ) -> None:
-    gateway = start("close")
-    received, stalled, stack = await run_flood(gateway, redis_server)
-    async with stack:
-        for numbers in received:
-            assert numbers == list(range(MESSAGES))
-        # Evicted: a close frame behind data it never read, then a reset after close_timeout.
-        await asyncio.sleep(1.5)
-        got = await drain(stalled)
-        assert len(got) < MESSAGES
-        assert stalled.close_code in (1013, 1006)
-    assert "closing slow consumer" in gateway.logs()
-    assert gateway.running
+    outcome = await flood("close")
+    # Evicted: a close frame behind data it never read, then a reset after close_timeout.
+    await asyncio.sleep(1.5)
+    got = await drain(outcome.stalled)
+    assert len(got) < MESSAGES
+    assert outcome.stalled.close_code in (1013, 1006)
+    assert "closing slow consumer" in outcome.gateway.logs()
+    assert outcome.gateway.running
 
 
 async def test_drop_oldest_keeps_the_stalled_client_with_the_newest_messages(
-    start,
-    redis_server: RedisServer,  # type: ignore[no-untyped-def]
+    flood: Callable[[str], Awaitable[Flood]], redis_server: RedisServer
 ) -> None:
-    gateway = start("drop-oldest")
-    received, stalled, stack = await run_flood(gateway, redis_server)
-    async with stack:
-        for numbers in received:
-            assert numbers == list(range(MESSAGES))
-        got = await drain(stalled, timeout=1.0)
-        assert got == sorted(got) and len(set(got)) == len(got)  # in order, no duplicates
-        assert got[-50:] == list(range(MESSAGES - 50, MESSAGES))  # the queue kept the newest
-        assert got[:50] != list(range(50))  # the oldest queued ones made way
-        assert len(got) < MESSAGES
-        # Still subscribed and healthy once it reads again.
-        await publish_flood(redis_server, count=1, start=MESSAGES)
-        assert await collect(stalled, 1) == [MESSAGES]
-    assert "dropped by policy drop-oldest" in gateway.logs()
+    outcome = await flood("drop-oldest")
+    got = await drain(outcome.stalled, timeout=1.0)
+    assert got == sorted(got) and len(set(got)) == len(got)  # in order, no duplicates
+    assert got[-50:] == list(range(MESSAGES - 50, MESSAGES))  # the queue kept the newest
+    assert got[:50] != list(range(50))  # the oldest queued ones made way
+    assert len(got) < MESSAGES
+    # Still subscribed and healthy once it reads again.
+    await publish_flood(redis_server, count=1, start=MESSAGES)
+    assert await collect(outcome.stalled, 1) == [MESSAGES]
 
 
 async def test_drop_newest_keeps_what_was_queued(
-    start,
-    redis_server: RedisServer,  # type: ignore[no-untyped-def]
+    flood: Callable[[str], Awaitable[Flood]], redis_server: RedisServer
 ) -> None:
-    gateway = start("drop-newest")
-    received, stalled, stack = await run_flood(gateway, redis_server)
-    async with stack:
-        for numbers in received:
-            assert numbers == list(range(MESSAGES))
-        got = await drain(stalled, timeout=1.0)
-        assert got == sorted(got) and len(set(got)) == len(got)  # in order, no duplicates
-        # What the queue held when it filled was kept: the first 50 queued plus what the
-        # kernel had already taken arrive without a gap; the drops came after them.
-        assert got[:50] == list(range(50))
-        assert len(got) < MESSAGES
-        await publish_flood(redis_server, count=1, start=MESSAGES)
-        assert await collect(stalled, 1) == [MESSAGES]
+    outcome = await flood("drop-newest")
+    got = await drain(outcome.stalled, timeout=1.0)
+    assert got == sorted(got) and len(set(got)) == len(got)  # in order, no duplicates
+    # What the queue held when it filled was kept: the first 50 queued plus what the
+    # kernel had already taken arrive without a gap; the drops came after them.
+    assert got[:50] == list(range(50))
+    assert len(got) < MESSAGES
+    await publish_flood(redis_server, count=1, start=MESSAGES)
+    assert await collect(outcome.stalled, 1) == [MESSAGES]
