@@ -81,10 +81,19 @@ async def serve(settings: Settings) -> None:
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            log.info("%s received, shutting down", signal.Signals(signum).name)
+            stop.set()
+        else:
+            log.info("%s received again: closing every connection now",
+                     signal.Signals(signum).name)
+            gateway.stop_draining()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
-    log.info("signal received, shutting down")
     await gateway.shutdown()
 
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import http
 import logging
+import random
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -19,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from gateway.access import Access
+from gateway.auth import Authenticator, AuthError, bearer_token
 from gateway.backplane import BackplaneUnavailable, create_backplane
 from gateway.hub import Hub
 from gateway.protocol import (
@@ -34,9 +36,10 @@ from gateway.protocol import (
     parse_request,
     reply,
 )
-from gateway.session import Session, SessionConnection
+from gateway.session import Limits, Session, SessionConnection
 from gateway.settings import Settings
 from gateway.stats import Stats
+from gateway.throttle import Throttle
 from publisher.envelope import EnvelopeError, build_envelope
 
 __all__ = ["Gateway"]
@@ -53,14 +56,23 @@ class Gateway:
         self.settings = settings
         self.stats = Stats()
         self.hub = Hub(functools.partial(create_backplane, settings), self.stats)
-        self.anonymous = Access(
-            subscribe=settings.patterns(settings.anonymous_channels),
-            publish=settings.patterns(settings.anonymous_publish),
+        self.auth = _authenticator(settings)
+        self.limits = Limits(
+            max_messages=settings.queue_max_messages,
+            max_bytes=settings.queue_max_bytes,
+            policy=settings.slow_consumer_policy,
+            close_timeout=settings.close_timeout,
+            rate=settings.rate_limit,
+            max_subscriptions=settings.max_subscriptions,
         )
         self.sessions: set[Session] = set()
+        self.congested: set[Session] = set()  # transports that filled up; the stall watch
         self.draining = False
         self.server: Server | None = None
         self._all_closed = asyncio.Event()
+        self._stop_draining = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._refusals = Throttle()
 
     @property
     def backplane_name(self) -> str:
@@ -81,10 +93,12 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         await self.hub.backplane.start()
-        # A subclass per replica carries its socket options, so replicas in one process
-        # (tests) do not share them.
+        # A subclass per replica carries its socket options and stall watch, so replicas in
+        # one process (tests) do not share them.
         connection_class = type(
-            "SessionConnection", (SessionConnection,), {"send_buffer": s.send_buffer}
+            "SessionConnection",
+            (SessionConnection,),
+            {"send_buffer": s.send_buffer, "on_congested": self._congested},
         )
         self.server = await serve(
             self._handle,
@@ -92,6 +106,7 @@ class Gateway:
             s.port,
             create_connection=connection_class,
             process_request=self._process_request,
+            origins=s.origins(),
             compression="deflate" if s.compression == "deflate" else None,
             max_size=s.max_message_size,
             ping_interval=s.ping_interval,
@@ -101,6 +116,7 @@ class Gateway:
             write_limit=s.write_limit,
             server_header="wsgateway",
         )
+        self._tasks.append(asyncio.create_task(self._watch_stalls(), name="stall watch"))
 
     # Handshake and plain HTTP
 
@@ -115,7 +131,10 @@ class Gateway:
         if url.path != WS_PATH:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
         if self.draining:
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining")
+        if len(self.sessions) >= self.settings.max_connections:
+            self.stats.refused["capacity"] += 1
+            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "at capacity")
         query = parse_qs(url.query, keep_blank_values=True)
         channels: list[str] = []
         for value in query.get("channels", ()):
@@ -124,34 +143,46 @@ class Gateway:
             try:
                 channels.extend(c for c in parse_channel_list(value) if c not in channels)
             except ValueError as exc:
-                return connection.respond(http.HTTPStatus.BAD_REQUEST, f"channels: {exc}\n")
+                return self._refuse(connection, http.HTTPStatus.BAD_REQUEST, f"channels: {exc}")
+        tokens = query.get("token", [])
+        token = tokens[0] if tokens else bearer_token(request.headers.get("Authorization"))
+        try:
+            identity = self.auth.authenticate(token)
+        except AuthError as exc:
+            self.stats.refused["auth"] += 1
+            return self._refuse(connection, http.HTTPStatus.UNAUTHORIZED, str(exc))
         assert isinstance(connection, SessionConnection)
+        connection.identity = identity
         connection.initial_channels = tuple(channels)
         return None
+
+    def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, why: str) -> Response:
+        if self._refusals.ready():
+            log.info("refused a handshake (%d %s) from %s; %d more since the last line",
+                     status, why, connection.remote_address, self._refusals.take_suppressed())
+        return connection.respond(status, why + "\n")
 
     # One client
 
     async def _handle(self, connection: ServerConnection) -> None:
         assert isinstance(connection, SessionConnection)
-        s = self.settings
-        session = Session(
-            connection,
-            self.anonymous,
-            self.stats,
-            max_messages=s.queue_max_messages,
-            max_bytes=s.queue_max_bytes,
-            policy=s.slow_consumer_policy,
-            close_timeout=s.close_timeout,
-        )
+        assert connection.identity is not None
+        session = Session(connection, connection.identity, self.stats, self.limits)
+        connection.identity = None  # the session keeps what it needs
         self.sessions.add(session)
         self.stats.connections_opened += 1
         self.stats.connections_open += 1
         try:
             for channel in connection.initial_channels:
-                await self._subscribe(session, channel, None)
+                try:
+                    await self._subscribe(session, channel, None)
+                except RequestError as exc:
+                    session.send(error(exc))
             async for text in connection:
                 if session.closing:
                     continue  # keep reading so the closing handshake can finish
+                if not session.allow_request():
+                    continue
                 if isinstance(text, bytes):
                     session.close(Close.BINARY_NOT_ACCEPTED, "binary frames are not accepted")
                     continue
@@ -161,6 +192,7 @@ class Gateway:
         finally:
             await self.hub.leave(session)
             self.sessions.discard(session)
+            self.congested.discard(session)
             if not self.sessions:
                 self._all_closed.set()
             self.stats.connections_open -= 1
@@ -182,11 +214,7 @@ class Gateway:
         dropped = session.outbox.dropped if session.outbox is not None else 0
         log.debug(
             "connection %s closed: %d (%s), %d messages dropped by policy %s",
-            connection.id,
-            code,
-            reason,
-            dropped,
-            session.policy,
+            connection.id, code, reason, dropped, self.limits.policy,
         )
 
     async def _serve_request(self, session: Session, text: str) -> None:
@@ -206,26 +234,18 @@ class Gateway:
 
     async def _subscribe(self, session: Session, channel: str, request_id: int | None) -> None:
         if not session.access.can_subscribe(channel):
-            _send_error(
-                session, ErrorCode.FORBIDDEN, f"not allowed to subscribe to {channel!r}", request_id
+            raise RequestError(
+                ErrorCode.FORBIDDEN, f"not allowed to subscribe to {channel!r}", request_id
             )
-            return
-        if (
-            channel not in session.channels
-            and len(session.channels) >= self.settings.max_subscriptions
-        ):
-            _send_error(
-                session,
-                ErrorCode.LIMIT,
-                f"at most {self.settings.max_subscriptions} subscriptions per connection",
-                request_id,
+        limit = self.limits.max_subscriptions
+        if channel not in session.channels and len(session.channels) >= limit:
+            raise RequestError(
+                ErrorCode.LIMIT, f"at most {limit} subscriptions per connection", request_id
             )
-            return
         try:
             await self.hub.subscribe(session, channel)
         except BackplaneUnavailable as exc:
-            _send_error(session, ErrorCode.UNAVAILABLE, str(exc), request_id)
-            return
+            raise RequestError(ErrorCode.UNAVAILABLE, str(exc), request_id) from None
         session.send(reply("subscribed", request_id, channel))
 
     async def _publish(self, session: Session, request: Publish) -> None:
@@ -243,20 +263,63 @@ class Gateway:
             raise RequestError(ErrorCode.UNAVAILABLE, str(exc), request.id) from None
         session.send(reply("published", request.id))
 
+    # Stalled clients
+
+    def _congested(self, session: Session) -> None:
+        session.congested_at = session.connection.loop.time()
+        self.congested.add(session)
+
+    async def _watch_stalls(self) -> None:
+        """Cut off clients whose transport stayed full for ``stall_timeout``.
+
+        websockets' own close() and ping() wait for the buffer to drain with no deadline, so
+        neither the keepalive nor a close would ever end such a connection.
+        """
+        timeout = self.settings.stall_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = loop.time()
+            for session in list(self.congested):
+                if not session.connection.paused:
+                    self.congested.discard(session)  # drained since
+                elif session.congested_at is not None and now - session.congested_at >= timeout:
+                    self.congested.discard(session)
+                    self.stats.stalled += 1
+                    log.info("cutting off stalled client %s after %.1fs",
+                             session.connection.id, now - session.congested_at)
+                    # Its buffers are full: a close frame could not reach it anyway.
+                    session.close(Close.SLOW_CONSUMER, "stalled", abort_after=0)
+
     # Shutdown
 
+    def stop_draining(self) -> None:
+        """A second signal: close whoever is left now instead of over the drain window."""
+        self._stop_draining.set()
+
     async def shutdown(self) -> None:
-        """Fail readiness, answer new handshakes 503, close every client with 1001, stop."""
+        """Fail readiness and refuse new clients at once, then close every client with 1001
+        in batches spread over ``drain_seconds`` so they do not all reconnect in the same
+        instant, and stop before ``shutdown_timeout``.
+        """
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.shutdown_timeout
         self.draining = True
-        log.info("draining %d connections", len(self.sessions))
+        log.info("draining %d connections over %.1fs", len(self.sessions), s.drain_seconds)
         self._all_closed.clear()
-        for session in list(self.sessions):
-            session.close(Close.GOING_AWAY, "server shutting down")
         if self.sessions:
-            # Session.close resets a connection whose handshake outlives close_timeout.
+            await self._drain(loop.time() + s.drain_seconds)
+            # Session.close resets any connection whose handshake outlives close_timeout.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.close_timeout + 1):
+                async with asyncio.timeout_at(deadline - 0.5):
                     await self._all_closed.wait()
+        if self.sessions:
+            log.warning("cutting off %d connections at the shutdown deadline", len(self.sessions))
+            for session in list(self.sessions):
+                session.abort()
+        for task in self._tasks:
+            task.cancel()
         if self.server is not None:
             self.server.close(close_connections=False)
             with contextlib.suppress(TimeoutError):
@@ -265,9 +328,42 @@ class Gateway:
         await self.hub.backplane.close()
         log.info("stopped")
 
+    async def _drain(self, end: float) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        # Each connection gets a uniformly random moment in the window; a 100 ms tick closes
+        # those whose moment has come, so reconnects arrive as an even trickle.
+        schedule = sorted(
+            ((random.uniform(start, end), id(session), session) for session in self.sessions),
+            key=lambda entry: entry[0],
+        )
+        index = 0
+        while index < len(schedule):
+            now = float("inf") if self._stop_draining.is_set() else loop.time()
+            while index < len(schedule) and schedule[index][0] <= now:
+                schedule[index][2].close(Close.GOING_AWAY, "server shutting down")
+                index += 1
+            if index < len(schedule):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await self._stop_draining.wait()
 
-def _send_error(session: Session, code: ErrorCode, message: str, request_id: int | None) -> None:
-    session.send(error(RequestError(code, message, request_id)))
+
+def _authenticator(settings: Settings) -> Authenticator:
+    anonymous = Access(
+        subscribe=settings.patterns(settings.anonymous_channels),
+        publish=settings.patterns(settings.anonymous_publish),
+    )
+    return Authenticator(
+        secret=settings.jwt_secret.get_secret_value() if settings.jwt_secret else None,
+        public_key=(
+            settings.jwt_public_key_file.read_text() if settings.jwt_public_key_file else None
+        ),
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        leeway=settings.jwt_leeway,
+        anonymous=anonymous,
+    )
 
 
 _CLOSE_REASONS: dict[int, str] = {

@@ -8,6 +8,9 @@ Outbound messages take the shortest path that keeps every bound:
   slow-consumer policy applies when that fills; when the transport drains (``resume_writing``)
   the queued frames go out coalesced into few writes.
 
+While a client is congested the gateway also stops reading from it, so a client that does not
+read cannot make the gateway write (pongs to its pings, replies to its requests) without bound.
+
 Nothing here ever awaits the client, so one slow or stalled client cannot delay the others.
 :meth:`Session.close` never waits either: it writes the close frame and, if the closing
 handshake has not finished ``close_timeout`` later, resets the TCP connection.
@@ -20,6 +23,9 @@ import contextlib
 import logging
 import socket
 import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
@@ -28,13 +34,15 @@ from websockets.protocol import State
 from gateway.access import Access
 from gateway.outbox import Outbox
 from gateway.protocol import Close, Outbound
+from gateway.ratelimit import TokenBucket
 from gateway.settings import SlowConsumerPolicy
 from gateway.throttle import Throttle
 
 if TYPE_CHECKING:
+    from gateway.auth import Identity
     from gateway.stats import Stats
 
-__all__ = ["Session", "SessionConnection"]
+__all__ = ["Limits", "Session", "SessionConnection"]
 
 log = logging.getLogger("gateway.session")
 
@@ -42,14 +50,29 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _eviction_log = Throttle()
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What every session of a replica shares (one object, not one copy per connection)."""
+
+    max_messages: int
+    max_bytes: int
+    policy: SlowConsumerPolicy
+    close_timeout: float
+    rate: float  # inbound messages a second, burst the same
+    max_subscriptions: int
+
+
 class SessionConnection(ServerConnection):
-    """The websockets connection, told when its transport can take more data."""
+    """The websockets connection, telling its session when the transport fills and drains."""
 
     session: Session | None = None
-    #: Channels from the ``channels=`` query parameter, validated during the handshake.
+    #: Set during the handshake: who the client is and what it asked for in the query string.
+    identity: Identity | None = None
     initial_channels: tuple[str, ...] = ()
     #: SO_SNDBUF for client sockets; None leaves the kernel's autotuning.
     send_buffer: int | None = None
+    #: Called with the session when its transport fills up (the replica's stall watch).
+    on_congested: Callable[[Session], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -58,9 +81,23 @@ class SessionConnection(ServerConnection):
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+        # Reading resumes only when neither the inbound queue nor congestion holds it.
+        self.recv_messages.resume = self._resume_reading
+
+    def _resume_reading(self) -> None:
+        if not self.paused and not self.recv_messages.paused:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.transport.pause_reading()
+        session = self.session
+        if session is not None and self.on_congested is not None:
+            self.on_congested(session)
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self._resume_reading()
         if self.session is not None:
             self.session.flush()
 
@@ -68,51 +105,49 @@ class SessionConnection(ServerConnection):
 class Session:
     __slots__ = (
         "_abort_handle",
+        "_expiry_handle",
         "_raw",
         "access",
+        "bucket",
         "channels",
         "close_code",
         "close_reason",
-        "close_timeout",
+        "congested_at",
         "connection",
-        "dropped",
-        "max_bytes",
-        "max_messages",
+        "limits",
         "outbox",
-        "policy",
         "stats",
-        "write_limit",
+        "subject",
     )
 
     def __init__(
-        self,
-        connection: SessionConnection,
-        access: Access,
-        stats: Stats,
-        *,
-        max_messages: int,
-        max_bytes: int,
-        policy: SlowConsumerPolicy,
-        close_timeout: float,
+        self, connection: SessionConnection, identity: Identity, stats: Stats, limits: Limits
     ) -> None:
         self.connection = connection
-        self.access = access
+        self.subject = identity.subject
+        self.access: Access = identity.access
         self.stats = stats
+        self.limits = limits
         self.channels: set[str] = set()
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self.policy = policy
-        self.close_timeout = close_timeout
-        self.write_limit = connection.write_limit_high
+        loop = asyncio.get_running_loop()
+        self.bucket = TokenBucket(limits.rate, limits.rate, loop.time())
         # Created on first congestion: most clients never need one.
         self.outbox: Outbox | None = None
-        self.dropped = 0
         # Without extensions (compression) the shared pre-built frame is exactly what this
         # client must receive; with them, each message is framed by this connection's protocol.
         self._raw = not connection.protocol.extensions
         self.close_code: int | None = None
         self.close_reason = ""
+        self.congested_at: float | None = None  # loop time the transport last filled up
         self._abort_handle: asyncio.TimerHandle | None = None
+        self._expiry_handle: asyncio.TimerHandle | None = None
+        if identity.expires_at is not None:  # unix time: the token's exp
+            self._expiry_handle = loop.call_later(
+                max(0.0, identity.expires_at - time.time()),
+                self.close,
+                Close.TOKEN_EXPIRED,
+                "token expired",
+            )
         connection.session = self
 
     @property
@@ -134,7 +169,8 @@ class Session:
                 self._write((item,))
             return
         if outbox is None:
-            outbox = self.outbox = Outbox(self.max_messages, self.max_bytes, self.policy)
+            limits = self.limits
+            outbox = self.outbox = Outbox(limits.max_messages, limits.max_bytes, limits.policy)
         before = outbox.dropped
         if not outbox.push(item):
             self.stats.slow_consumers += 1
@@ -142,10 +178,7 @@ class Session:
                 log.warning(
                     "closing slow consumer %s (1013): queue full at %d messages, %d bytes; "
                     "%d more since the last line",
-                    connection.id,
-                    len(outbox),
-                    outbox.bytes,
-                    _eviction_log.take_suppressed(),
+                    connection.id, len(outbox), outbox.bytes, _eviction_log.take_suppressed(),
                 )
             self.close(Close.SLOW_CONSUMER, "slow consumer")
             return
@@ -160,7 +193,7 @@ class Session:
             if connection.protocol.state is not State.OPEN:
                 outbox.clear()
                 return
-            self._write(outbox.pop_batch(self.write_limit))
+            self._write(outbox.pop_batch(connection.write_limit_high))
 
     def _write(self, items: tuple[Outbound, ...] | list[Outbound]) -> None:
         connection = self.connection
@@ -177,14 +210,24 @@ class Session:
         except Exception as exc:  # the transport is closing; the reader will see it
             log.debug("write to %s failed: %s", connection.id, exc)
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake without waiting; reset the connection if it stalls."""
+    def allow_request(self) -> bool:
+        """Count one inbound message against the rate limit; close 1008 when over it."""
+        if self.bucket.take(self.connection.loop.time()):
+            return True
+        self.close(Close.POLICY_VIOLATION, "rate limit exceeded")
+        return False
+
+    def close(self, code: int, reason: str = "", *, abort_after: float | None = None) -> None:
+        """Start the closing handshake without waiting; reset the connection if it stalls.
+
+        ``abort_after`` defaults to ``close_timeout``; 0 resets the connection at once (for a
+        client whose buffers are full, the close frame could never reach it anyway).
+        """
         if self.close_code is not None:
             return
         self.close_code = code
         self.close_reason = reason
         if self.outbox is not None:
-            self.dropped += len(self.outbox)
             self.outbox.clear()  # the client will never read these; free them now
         connection = self.connection
         if connection.protocol.state is State.OPEN:
@@ -193,13 +236,17 @@ class Session:
                 connection.send_data()
             except Exception as exc:
                 log.debug("close of %s failed: %s", connection.id, exc)
-        loop = asyncio.get_running_loop()
-        self._abort_handle = loop.call_later(self.close_timeout, self.abort)
+        if abort_after is None:
+            abort_after = self.limits.close_timeout
+        if abort_after <= 0:
+            self.abort()
+        else:
+            self._abort_handle = connection.loop.call_later(abort_after, self.abort)
 
     def abort(self) -> None:
         """Reset the TCP connection now, freeing the kernel's buffers for it at once."""
         transport = self.connection.transport
-        if transport.is_closing() and self.connection.protocol.state is State.CLOSED:
+        if self.connection.protocol.state is State.CLOSED:
             return
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -209,9 +256,11 @@ class Session:
 
     def finish(self) -> None:
         """Forget everything once the connection is closed."""
-        if self._abort_handle is not None:
-            self._abort_handle.cancel()
-            self._abort_handle = None
+        for handle in (self._abort_handle, self._expiry_handle):
+            if handle is not None:
+                handle.cancel()
+        self._abort_handle = self._expiry_handle = None
         if self.outbox is not None:
             self.outbox.clear()
         self.connection.session = None
+

@@ -6,8 +6,11 @@ each setting with its variable and default.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -89,7 +92,31 @@ class Settings(BaseSettings):
         description="permessage-deflate: off, or deflate (about 50 KiB more memory per "
         "connection and one compression per message per client)",
     )
+    max_connections: int = Field(
+        10000, ge=1, description="connections per replica; beyond it the handshake gets HTTP 503"
+    )
     max_subscriptions: int = Field(100, ge=1, description="subscriptions per connection")
+    rate_limit: float = Field(
+        50.0,
+        gt=0,
+        description="inbound messages per second per connection, burst the same; close 1008 "
+        "beyond",
+    )
+    stall_timeout: Seconds = Field(
+        10.0,
+        description="seconds a client may leave its transport blocked (not reading) before it "
+        "is cut off",
+    )
+    drain_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="on SIGTERM, close connections with 1001 in batches spread over this many "
+        "seconds",
+    )
+    shutdown_timeout: Seconds = Field(
+        20.0,
+        description="on SIGTERM, exit after at most this many seconds, cutting off what is left",
+    )
     anonymous_channels: str = Field(
         "*", description="comma-separated glob patterns anonymous clients may subscribe to"
     )
@@ -98,8 +125,28 @@ class Settings(BaseSettings):
         description="comma-separated glob patterns anonymous clients may publish to from the "
         "socket; empty: client publishing is off",
     )
+    jwt_secret: SecretStr | None = Field(
+        None, description="HS256 secret; set it (or the public key file) and tokens are required"
+    )
+    jwt_public_key_file: Path | None = Field(
+        None, description="PEM public key file for RS256/ES256 tokens"
+    )
+    jwt_audience: str | None = Field(None, description="required 'aud' claim, if set")
+    jwt_issuer: str | None = Field(None, description="required 'iss' claim, if set")
+    jwt_leeway: float = Field(0.0, ge=0, description="seconds of clock skew allowed on 'exp'")
+    allowed_origins: str | None = Field(
+        None,
+        description="comma-separated Origin values or re:<regex> entries; others get HTTP 403 "
+        "(clients that send no Origin are not browsers and pass); unset: any",
+    )
     reconnect_min: Seconds = Field(0.1, description="first backplane reconnect delay cap, seconds")
     reconnect_max: Seconds = Field(10.0, description="largest backplane reconnect delay, seconds")
+    probe_interval: Seconds = Field(
+        5.0, description="seconds between publish-to-self probes of the Redis subscription"
+    )
+    probe_timeout: Seconds = Field(
+        3.0, description="seconds a probe may take before the Redis connection is replaced"
+    )
     log_level: LogLevel = Field("info", description="debug, info, warning or error")
 
     @field_validator("log_level", "slow_consumer_policy", "compression", mode="before")
@@ -117,11 +164,46 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("jwt_public_key_file")
+    @classmethod
+    def _readable_public_key(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                load_pem_public_key(value.read_bytes())
+            except (OSError, ValueError, TypeError) as exc:
+                raise ValueError(f"cannot load a PEM public key from {value}: {exc}") from None
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origin_rules(cls, value: str | None) -> str | None:
+        if value is not None:
+            for entry in cls.patterns(value):
+                if entry.startswith("re:"):
+                    try:
+                        re.compile(entry[3:])
+                    except re.error as exc:
+                        raise ValueError(f"bad regular expression {entry!r}: {exc}") from None
+        return value
+
     @model_validator(mode="after")
-    def _reconnect_bounds(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.reconnect_min > self.reconnect_max:
             raise ValueError("reconnect_min must not exceed reconnect_max")
+        if self.jwt_secret is not None and self.jwt_public_key_file is not None:
+            raise ValueError("set GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY_FILE, not both")
+        if self.shutdown_timeout <= self.drain_seconds:
+            raise ValueError("shutdown_timeout must be longer than drain_seconds")
         return self
+
+    def origins(self) -> list[str | re.Pattern[str] | None] | None:
+        """The allow-list in the form websockets takes; None allows any origin."""
+        if self.allowed_origins is None:
+            return None
+        rules: list[str | re.Pattern[str] | None] = [None]  # no Origin header: not a browser
+        for entry in self.patterns(self.allowed_origins):
+            rules.append(re.compile(entry[3:]) if entry.startswith("re:") else entry)
+        return rules
 
     @staticmethod
     def patterns(value: str) -> tuple[str, ...]:

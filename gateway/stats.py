@@ -21,4 +21,6 @@ class Stats:
     fanout: int = 0  # messages handed to sessions (written through or queued)
     dropped: int = 0  # messages discarded by drop-oldest / drop-newest
     slow_consumers: int = 0  # sessions closed by the close policy
+    stalled: int = 0  # sessions cut off after stall_timeout with a full transport
+    refused: Counter[str] = field(default_factory=Counter)  # handshakes refused, by reason
     malformed: Counter[str] = field(default_factory=Counter)  # by reason

@@ -164,6 +164,7 @@ class GatewayProcess:
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": str(self.port),
             "GATEWAY_LOG_LEVEL": "debug",
+            "GATEWAY_DRAIN_SECONDS": "0.2",  # tests about draining set their own
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None

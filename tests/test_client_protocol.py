@@ -189,8 +189,9 @@ async def test_garbage_on_the_socket_does_not_harm_the_replica(
     assert memory_gateway.running
 
 
-async def test_many_requests_keep_their_order(memory_gateway: GatewayProcess) -> None:
-    async with client(memory_gateway.ws_url) as ws:
+async def test_many_requests_keep_their_order(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory({"GATEWAY_RATE_LIMIT": "1000"})
+    async with client(gateway.ws_url) as ws:
         for n in range(200):
             await ws.send(json.dumps({"op": "ping", "id": n}))
         ids = [(await recv_json(ws))["id"] for _ in range(200)]

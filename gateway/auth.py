@@ -1,0 +1,105 @@
+"""Who a client is and what it may do: JWT validation and the anonymous rules. Pure.
+
+With ``GATEWAY_JWT_SECRET`` (HS256) or ``GATEWAY_JWT_PUBLIC_KEY_FILE`` (RS256/ES256) set,
+every client needs a token; its claims ``channels`` and ``publish`` (lists of glob patterns)
+say where it may subscribe and publish. Without either, clients are anonymous and get the
+``GATEWAY_ANONYMOUS_*`` patterns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jwt
+
+from gateway.access import Access
+
+__all__ = ["AuthError", "Authenticator", "Identity", "bearer_token"]
+
+#: Algorithms per kind of key; a token may never choose its own (no "none", no HS with a
+#: public key as the secret).
+SECRET_ALGORITHMS = ("HS256",)
+PUBLIC_KEY_ALGORITHMS = ("RS256", "ES256")
+
+
+class AuthError(Exception):
+    """The handshake is refused with HTTP 401; the message says why, without secrets."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    subject: str | None  # None: anonymous
+    access: Access
+    expires_at: float | None = None  # unix seconds; the connection closes with 4001 then
+
+
+class Authenticator:
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        public_key: str | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 0.0,
+        anonymous: Access,
+    ) -> None:
+        if secret is not None and public_key is not None:
+            raise ValueError("set either a JWT secret or a public key file, not both")
+        self._key: str | None = secret if secret is not None else public_key
+        self._algorithms = list(SECRET_ALGORITHMS if secret is not None else PUBLIC_KEY_ALGORITHMS)
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = leeway
+        self.anonymous = Identity(None, anonymous)
+
+    @property
+    def required(self) -> bool:
+        return self._key is not None
+
+    def authenticate(self, token: str | None) -> Identity:
+        """The identity for ``token`` (None: none given); raise AuthError if refused."""
+        if self._key is None:
+            return self.anonymous
+        if not token:
+            raise AuthError("a token is required: ?token=<JWT> or Authorization: Bearer <JWT>")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject:
+            raise AuthError("invalid token: 'sub' must be a non-empty string")
+        access = Access(
+            subscribe=_patterns(claims, "channels"), publish=_patterns(claims, "publish")
+        )
+        return Identity(subject, access, float(claims["exp"]))
+
+
+def _patterns(claims: dict[str, object], name: str) -> tuple[str, ...]:
+    value = claims.get(name, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise AuthError(f"invalid token: '{name}' must be a list of channel patterns")
+    return tuple(value)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if that is what it is."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
