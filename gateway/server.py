@@ -12,12 +12,14 @@ import functools
 import http
 import logging
 import random
+import re
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Origin
 
 from gateway.access import Access
 from gateway.auth import Authenticator, AuthError, bearer_token
@@ -106,7 +108,7 @@ class Gateway:
             s.port,
             create_connection=connection_class,
             process_request=self._process_request,
-            origins=s.origins(),
+            origins=_origins(s),
             compression="deflate" if s.compression == "deflate" else None,
             max_size=s.max_message_size,
             ping_interval=s.ping_interval,
@@ -347,6 +349,16 @@ class Gateway:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.1):
                         await self._stop_draining.wait()
+
+
+def _origins(settings: Settings) -> list[Origin | re.Pattern[str] | None] | None:
+    """The Origin allow-list in the form websockets takes; None allows any origin."""
+    if settings.allowed_origins is None:
+        return None
+    rules: list[Origin | re.Pattern[str] | None] = [None]  # no Origin header: not a browser
+    for entry in settings.patterns(settings.allowed_origins):
+        rules.append(re.compile(entry[3:]) if entry.startswith("re:") else Origin(entry))
+    return rules
 
 
 def _authenticator(settings: Settings) -> Authenticator:

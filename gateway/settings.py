@@ -196,15 +196,6 @@ class Settings(BaseSettings):
             raise ValueError("shutdown_timeout must be longer than drain_seconds")
         return self
 
-    def origins(self) -> list[str | re.Pattern[str] | None] | None:
-        """The allow-list in the form websockets takes; None allows any origin."""
-        if self.allowed_origins is None:
-            return None
-        rules: list[str | re.Pattern[str] | None] = [None]  # no Origin header: not a browser
-        for entry in self.patterns(self.allowed_origins):
-            rules.append(re.compile(entry[3:]) if entry.startswith("re:") else entry)
-        return rules
-
     @staticmethod
     def patterns(value: str) -> tuple[str, ...]:
         return tuple(p.strip() for p in value.split(",") if p.strip())

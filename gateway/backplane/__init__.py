@@ -26,4 +26,6 @@ def create_backplane(settings: Settings, on_message: OnMessage) -> Backplane:
         subscribe_timeout=settings.subscribe_timeout,
         reconnect_min=settings.reconnect_min,
         reconnect_max=settings.reconnect_max,
+        probe_interval=settings.probe_interval,
+        probe_timeout=settings.probe_timeout,
     )

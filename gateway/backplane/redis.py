@@ -6,7 +6,11 @@ last). The reader task hands each message to ``on_message`` and goes straight ba
 it never awaits a client, so Redis never sees this replica as a slow subscriber.
 
 The replica owns reconnection: redis-py's own retries are off, so a lost connection is seen at
-once, readiness turns false, and a fresh connection re-subscribes every wanted channel.
+once, readiness turns false, and a fresh connection re-subscribes every wanted channel after a
+capped, fully jittered backoff. A connection can also die silently (a half-open TCP connection,
+a middlebox that dropped its state): a periodic PUBLISH to a channel only this replica
+subscribes to must come back through the subscription within ``probe_timeout``, or the
+connection is replaced.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -32,6 +37,11 @@ __all__ = ["RedisBackplane"]
 
 log = logging.getLogger("gateway.backplane")
 
+
+class SilentConnection(ConnectionError):
+    """The probe did not come back: the subscription is no longer delivering."""
+
+
 _LOST = (RedisError, OSError, asyncio.TimeoutError)
 
 
@@ -47,42 +57,64 @@ class RedisBackplane(Backplane):
         subscribe_timeout: float = 5.0,
         reconnect_min: float = 0.1,
         reconnect_max: float = 10.0,
+        probe_interval: float = 5.0,
+        probe_timeout: float = 3.0,
         connect_timeout: float = 5.0,
     ) -> None:
         super().__init__(on_message)
         self.prefix = prefix
+        self._prefix = prefix.encode()
         self.subscribe_timeout = subscribe_timeout
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
-        self._pool = ConnectionPool.from_url(
-            url,
-            retry=Retry(NoBackoff(), 0),
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=connect_timeout,
-            socket_keepalive=True,
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout,
+            "socket_timeout": connect_timeout,
+            "socket_keepalive": True,
+        }
+        # The subscriber never retries on its own: a lost connection must be seen at once.
+        # Commands (PUBLISH) retry once, so a pooled connection that died with a Redis
+        # restart costs a reconnect, not an error.
+        self._subscriber = Redis(
+            connection_pool=ConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **options)
         )
-        self._redis = Redis(connection_pool=self._pool)
+        self._redis = Redis(
+            connection_pool=ConnectionPool.from_url(url, retry=Retry(NoBackoff(), 1), **options)
+        )
         # A channel no client can name ("#" is not allowed in channel names): it keeps the
-        # connection in subscribe mode and its confirmation marks the end of a (re)subscribe.
+        # connection in subscribe mode, its confirmation marks the end of a (re)subscribe, and
+        # the probes travel through it.
         self._probe = f"{prefix}#probe#{uuid.uuid4().hex}".encode()
+        self._probe_numbers = itertools.count(1)
+        self._probe_seen = 0
+        self._probe_arrived = asyncio.Event()
         self._wanted: set[str] = set()
         self._waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
         self._connected = False
         self._lock = asyncio.Lock()  # keeps SUBSCRIBE/UNSUBSCRIBE in the order they were asked
         self._task: asyncio.Task[None] | None = None
-        self.reconnects = 0
-        self.disconnected_since: float | None = time.monotonic()
+        # What operators want to know: counted here, exported as metrics.
+        self.connects = 0  # successful (re)connections
+        self.reconnects = 0  # connections after a loss
+        self.outage_seconds = 0.0  # total time disconnected after the first connection
+        self._down_since: float | None = None
 
     @property
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def subscribed_channels(self) -> int:
+        return len(self._wanted)
+
     def _key(self, channel: str) -> bytes:
         return (self.prefix + channel).encode()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="redis-backplane")
+        self._task = asyncio.create_task(self._run(), name="redis backplane")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -90,8 +122,9 @@ class RedisBackplane(Backplane):
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await self._drop_connection(None)
-        await self._redis.aclose()
-        await self._pool.disconnect()
+        for client in (self._subscriber, self._redis):
+            await client.aclose()
+            await client.connection_pool.disconnect()
 
     async def subscribe(self, channel: str) -> None:
         if not self._connected or self._pubsub is None:
@@ -130,13 +163,15 @@ class RedisBackplane(Backplane):
         except _LOST as exc:
             raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
 
+    # The connection's life
+
     async def _run(self) -> None:
         attempt = 0
         while True:
             try:
                 await self._connect()
                 attempt = 0
-                await self._read()
+                await self._serve()
             except asyncio.CancelledError:
                 raise
             except _LOST as exc:
@@ -144,19 +179,15 @@ class RedisBackplane(Backplane):
                 await self._drop_connection(exc)
                 delay = full_jitter(attempt, self.reconnect_min, self.reconnect_max)
                 attempt += 1
+                why = str(exc) or type(exc).__name__
                 if was_connected:
-                    log.warning("lost Redis: %s; reconnecting", exc or type(exc).__name__)
+                    log.warning("lost Redis: %s; reconnecting in %.2fs", why, delay)
                 else:
-                    log.warning(
-                        "cannot reach Redis: %s; retry %d in %.2fs",
-                        exc or type(exc).__name__,
-                        attempt,
-                        delay,
-                    )
+                    log.warning("cannot reach Redis: %s; retry %d in %.2fs", why, attempt, delay)
                 await asyncio.sleep(delay)
 
     async def _connect(self) -> None:
-        pubsub = self._redis.pubsub()
+        pubsub = self._subscriber.pubsub()
         self._pubsub = pubsub
         async with self._lock:
             wanted = set(self._wanted)
@@ -170,18 +201,32 @@ class RedisBackplane(Backplane):
                 break
             self._handle(message)
         self._connected = True
-        outage = None
-        if self.disconnected_since is not None:
-            outage = time.monotonic() - self.disconnected_since
-            self.disconnected_since = None
-        if self.reconnects or outage is None:
-            log.info("connected to Redis, %d channels subscribed", len(wanted))
+        self.connects += 1
+        if self._down_since is None:
+            log.info("connected to Redis")
         else:
-            log.info("connected to Redis after %.2fs", outage)
-        self.reconnects += 1
-        stale = wanted - self._wanted  # left while we were reconnecting
-        for channel in stale:
+            outage = time.monotonic() - self._down_since
+            self.outage_seconds += outage
+            self.reconnects += 1
+            self._down_since = None
+            log.info(
+                "reconnected to Redis after %.2fs; %d channels re-subscribed", outage, len(wanted)
+            )
+        for channel in wanted - self._wanted:  # left while we were reconnecting
             await self.unsubscribe(channel)
+
+    async def _serve(self) -> None:
+        """Read and probe until either fails; the first failure ends both."""
+        reader = asyncio.create_task(self._read(), name="redis reader")
+        prober = asyncio.create_task(self._probe_loop(), name="redis probe")
+        try:
+            done, _ = await asyncio.wait({reader, prober}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what ended it
+        finally:
+            for task in (reader, prober):
+                task.cancel()
+            await asyncio.gather(reader, prober, return_exceptions=True)
 
     async def _read(self) -> None:
         pubsub = self._pubsub
@@ -192,12 +237,34 @@ class RedisBackplane(Backplane):
             if message is not None:
                 handle(message)
 
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            number = next(self._probe_numbers)
+            self._probe_arrived.clear()
+            receivers = await self._redis.publish(self._probe, str(number))
+            if receivers == 0:
+                raise SilentConnection("Redis no longer knows our subscription")
+            try:
+                async with asyncio.timeout(self.probe_timeout):
+                    while self._probe_seen < number:
+                        await self._probe_arrived.wait()
+                        self._probe_arrived.clear()
+            except TimeoutError:
+                raise SilentConnection(
+                    f"probe not delivered within {self.probe_timeout}s"
+                ) from None
+
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "message":
             channel: bytes = message["channel"]
-            if channel.startswith(self.prefix.encode()):
-                name = channel[len(self.prefix) :].decode("utf-8", "replace")
+            if channel == self._probe:
+                with contextlib.suppress(ValueError):
+                    self._probe_seen = max(self._probe_seen, int(message["data"]))
+                self._probe_arrived.set()
+            elif channel.startswith(self._prefix):
+                name = channel[len(self._prefix) :].decode("utf-8", "replace")
                 try:
                     self.on_message(name, message["data"])
                 except Exception:  # a bug in fan-out must not stop the reader
@@ -210,9 +277,9 @@ class RedisBackplane(Backplane):
                     waiter.set_result(None)
 
     async def _drop_connection(self, exc: BaseException | None) -> None:
+        if self._connected and self._down_since is None:
+            self._down_since = time.monotonic()
         self._connected = False
-        if self.disconnected_since is None:
-            self.disconnected_since = time.monotonic()
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
