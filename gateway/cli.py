@@ -87,8 +87,7 @@ async def serve(settings: Settings) -> None:
             log.info("%s received, shutting down", signal.Signals(signum).name)
             stop.set()
         else:
-            log.info("%s received again: closing every connection now",
-                     signal.Signals(signum).name)
+            log.info("%s received again: closing every connection now", signal.Signals(signum).name)
             gateway.stop_draining()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

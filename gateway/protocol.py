@@ -106,8 +106,12 @@ def parse_request(text: str) -> Request:
     try:
         request: Request = _request_decoder.decode(text)
     except msgspec.ValidationError as exc:
-        # Valid JSON of the wrong shape: look again, loosely, for the id and the op.
-        raw = msgspec.json.decode(text)
+        # The wrong shape: look again, loosely, for the id and the op. The typed decoder can
+        # stop at the first wrong type before it sees that the rest is not JSON ("0 x").
+        try:
+            raw = msgspec.json.decode(text)
+        except msgspec.DecodeError as invalid:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"not valid JSON: {invalid}") from None
         request_id = _request_id(raw)
         if not isinstance(raw, dict):
             raise RequestError(

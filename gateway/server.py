@@ -146,8 +146,11 @@ class Gateway:
                 channels.extend(c for c in parse_channel_list(value) if c not in channels)
             except ValueError as exc:
                 return self._refuse(connection, http.HTTPStatus.BAD_REQUEST, f"channels: {exc}")
+        authorization = request.headers.get_all("Authorization")
+        if len(authorization) > 1 or len(query.get("token", ())) > 1:
+            return self._refuse(connection, http.HTTPStatus.BAD_REQUEST, "more than one token")
         tokens = query.get("token", [])
-        token = tokens[0] if tokens else bearer_token(request.headers.get("Authorization"))
+        token = tokens[0] if tokens else bearer_token(authorization[0] if authorization else None)
         try:
             identity = self.auth.authenticate(token)
         except AuthError as exc:
@@ -160,8 +163,13 @@ class Gateway:
 
     def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, why: str) -> Response:
         if self._refusals.ready():
-            log.info("refused a handshake (%d %s) from %s; %d more since the last line",
-                     status, why, connection.remote_address, self._refusals.take_suppressed())
+            log.info(
+                "refused a handshake (%d %s) from %s; %d more since the last line",
+                status,
+                why,
+                connection.remote_address,
+                self._refusals.take_suppressed(),
+            )
         return connection.respond(status, why + "\n")
 
     # One client
@@ -216,7 +224,11 @@ class Gateway:
         dropped = session.outbox.dropped if session.outbox is not None else 0
         log.debug(
             "connection %s closed: %d (%s), %d messages dropped by policy %s",
-            connection.id, code, reason, dropped, self.limits.policy,
+            connection.id,
+            code,
+            reason,
+            dropped,
+            self.limits.policy,
         )
 
     async def _serve_request(self, session: Session, text: str) -> None:
@@ -288,8 +300,11 @@ class Gateway:
                 elif session.congested_at is not None and now - session.congested_at >= timeout:
                     self.congested.discard(session)
                     self.stats.stalled += 1
-                    log.info("cutting off stalled client %s after %.1fs",
-                             session.connection.id, now - session.congested_at)
+                    log.info(
+                        "cutting off stalled client %s after %.1fs",
+                        session.connection.id,
+                        now - session.congested_at,
+                    )
                     # Its buffers are full: a close frame could not reach it anyway.
                     session.close(Close.SLOW_CONSUMER, "stalled", abort_after=0)
 

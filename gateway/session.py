@@ -178,7 +178,10 @@ class Session:
                 log.warning(
                     "closing slow consumer %s (1013): queue full at %d messages, %d bytes; "
                     "%d more since the last line",
-                    connection.id, len(outbox), outbox.bytes, _eviction_log.take_suppressed(),
+                    connection.id,
+                    len(outbox),
+                    outbox.bytes,
+                    _eviction_log.take_suppressed(),
                 )
             self.close(Close.SLOW_CONSUMER, "slow consumer")
             return
@@ -263,4 +266,3 @@ class Session:
         if self.outbox is not None:
             self.outbox.clear()
         self.connection.session = None
-

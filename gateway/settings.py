@@ -99,8 +99,7 @@ class Settings(BaseSettings):
     rate_limit: float = Field(
         50.0,
         gt=0,
-        description="inbound messages per second per connection, burst the same; close 1008 "
-        "beyond",
+        description="inbound messages per second per connection, burst the same; close 1008 beyond",
     )
     stall_timeout: Seconds = Field(
         10.0,

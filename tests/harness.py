@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -338,3 +339,50 @@ def envelope(channel: str, data: Any, mid: str = "m1", ts: int | None = None) ->
             "ts": int(time.time() * 1000) if ts is None else ts,
         }
     ).encode()
+
+
+class ThreadedGateway:
+    """A real :class:`gateway.server.Gateway` on its own event loop in a thread of the test
+    process, so a test can look inside it (tasks, sessions, subscriptions) between requests."""
+
+    def __init__(self, **settings: Any) -> None:
+        from gateway.server import Gateway
+        from gateway.settings import Settings
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._settings = Settings(_cli_parse_args=[], host="127.0.0.1", port=0, **settings)
+        self._gateway_class = Gateway
+        self.gateway: Any = None
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the gateway's loop and return its result."""
+
+        async def run() -> Any:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    def start(self) -> ThreadedGateway:
+        self._thread.start()
+
+        async def start() -> None:
+            self.gateway = self._gateway_class(self._settings)
+            await self.gateway.start()
+            await async_wait_until(lambda: self.gateway.hub.backplane.connected)
+
+        asyncio.run_coroutine_threadsafe(start(), self._loop).result(15)
+        return self
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.gateway.port}/ws"
+
+    def tasks(self) -> int:
+        return int(self.call(lambda: len(asyncio.all_tasks(self._loop))))
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.shutdown(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

@@ -66,6 +66,8 @@ def test_publish_keeps_data_bytes() -> None:
         ("", ErrorCode.BAD_REQUEST, None),
         ('{"op":"subscribe","channel":"news"', ErrorCode.BAD_REQUEST, None),
         ("[1,2]", ErrorCode.BAD_REQUEST, None),
+        ("0 x", ErrorCode.BAD_REQUEST, None),  # wrong type first, then not JSON at all
+        ('{"op":1} trailing', ErrorCode.BAD_REQUEST, None),
         ('"subscribe"', ErrorCode.BAD_REQUEST, None),
         ("null", ErrorCode.BAD_REQUEST, None),
         ('{"channel":"news","id":5}', ErrorCode.BAD_REQUEST, 5),

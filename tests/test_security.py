@@ -226,3 +226,15 @@ async def test_anonymous_clients_cannot_publish_by_default(gateway_factory: Gate
         reply = await request(ws, {"op": "publish", "channel": "news", "data": 1, "id": 1})
         assert reply["code"] == "forbidden"
         await expect_silence(ws)
+
+
+async def test_two_tokens_are_a_bad_request(hs_gateway: GatewayProcess) -> None:
+    header = {"Authorization": f"Bearer {token()}"}
+    for url, headers in (
+        (f"{hs_gateway.ws_url}?token={token()}&token={token()}", None),
+        (hs_gateway.ws_url, [("Authorization", f"Bearer {token()}")] * 2),
+    ):
+        status, body = await refused(url, additional_headers=headers)
+        assert (status, body) == (400, "more than one token\n")
+    async with client(hs_gateway.ws_url, additional_headers=header) as ws:
+        assert (await request(ws, {"op": "ping"}))["op"] == "pong"

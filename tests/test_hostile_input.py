@@ -1,0 +1,277 @@
+"""Property-based tests: arbitrary frames, JSON, channel names, query strings, headers and
+Redis payloads thrown at a real gateway (real sockets, real Redis).
+
+Whatever arrives, the replica answers with a documented error or close code, keeps no task,
+session or subscription of a client that left, and a well-behaved client on the same replica
+receives every message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from gateway.envelope import MalformedEnvelope, decode_envelope
+from tests.harness import RedisServer, ThreadedGateway, envelope, wait_until
+
+ERROR_CODES = {"bad_request", "unknown_op", "forbidden", "limit", "unavailable"}
+REPLIES = {"subscribed", "unsubscribed", "pong", "published"}
+CLOSE_CODES = {1000, 1001, 1003, 1007, 1008, 1009, 1011, 1013, 4001}
+HANDSHAKE_STATUSES = {101, 400, 401, 403, 404, 503}
+MAX_SIZE = 4096
+
+EXAMPLES = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+class Replica:
+    """The gateway under attack, a Redis publisher, and a watcher that must miss nothing."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.redis_server = RedisServer(workdir / "redis")
+        self.redis_server.start()
+        self.gateway = ThreadedGateway(
+            redis_url=self.redis_server.url,
+            rate_limit=1_000_000,  # the rate limit has its own test; here every frame counts
+            max_message_size=MAX_SIZE,
+            anonymous_publish="pub.*",
+            open_timeout=2,
+            log_level="warning",
+        ).start()
+        self.publisher = redis.Redis.from_url(self.redis_server.url)
+        self.watcher = connect(self.gateway.ws_url + "?channels=sentinel", open_timeout=5)
+        self.watcher.__enter__()
+        assert json.loads(self.watcher.recv(5))["op"] == "subscribed"
+        self.sentinels = 0
+        self.baseline_tasks = self.gateway.tasks()
+
+    def connect(self, query: str = "") -> ClientConnection:
+        return connect(self.gateway.ws_url + query, open_timeout=5, max_size=None)
+
+    def check(self) -> None:
+        """The watcher gets a fresh message; nothing of departed clients is left behind."""
+        self.sentinels += 1
+        self.publisher.publish("ws:sentinel", envelope("sentinel", self.sentinels))
+        got = json.loads(self.watcher.recv(5))
+        assert (got["op"], got["data"]) == ("message", self.sentinels)
+        gateway = self.gateway
+        wait_until(lambda: gateway.call(lambda: len(gateway.gateway.sessions)) == 1, timeout=5)
+        wait_until(lambda: gateway.tasks() == self.baseline_tasks, timeout=5)
+        assert gateway.call(lambda: gateway.gateway.hub.channels) == 1
+        assert self.redis_server.pubsub_channels() == {"ws:sentinel"}
+
+    def close(self) -> None:
+        self.watcher.close()
+        self.publisher.close()
+        self.gateway.stop()
+        self.redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    replica = Replica(tmp_path_factory.mktemp("hostile"))
+    yield replica
+    replica.close()
+
+
+def exchange(ws: ClientConnection, frames: list[str | bytes]) -> int | None:
+    """Send ``frames`` then a ping; check every answer; return the close code if closed."""
+    try:
+        for frame in frames:
+            ws.send(frame)
+        ws.send('{"op":"ping","id":-7}')
+        while True:
+            answer = json.loads(ws.recv(5))
+            if answer["op"] == "pong" and answer.get("id") == -7:
+                return None
+            if answer["op"] == "error":
+                assert answer["code"] in ERROR_CODES, answer
+                assert isinstance(answer["message"], str)
+                assert answer["id"] is None or isinstance(answer["id"], int)
+            else:
+                assert answer["op"] in REPLIES | {"message"}, answer
+    except ConnectionClosed:
+        assert ws.close_code in CLOSE_CODES, ws.close_code
+        return ws.close_code
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+channels = st.one_of(
+    st.text(max_size=140),
+    st.from_regex(r"[A-Za-z0-9_.:@/\-]{1,128}", fullmatch=True),
+    st.sampled_from(["sentinel", "pub.x", "news", "", "a b", "x" * 129]),
+)
+requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "op": st.sampled_from(["subscribe", "unsubscribe", "publish", "ping"]) | json_values,
+        "channel": channels | json_values,
+        "data": json_values,
+        "id": st.integers() | json_values,
+    },
+)
+
+
+@EXAMPLES
+@given(
+    st.lists(
+        st.text(max_size=200) | st.text(min_size=MAX_SIZE - 10, max_size=MAX_SIZE + 10), max_size=5
+    )
+)
+def test_arbitrary_text_frames(replica: Replica, frames: list[str]) -> None:
+    with replica.connect() as ws:
+        code = exchange(ws, list(frames))
+        if code is not None:
+            assert code == 1009 and any(len(f.encode()) > MAX_SIZE for f in frames)
+    replica.check()
+
+
+@EXAMPLES
+@given(st.lists(requests, max_size=6))
+def test_arbitrary_requests(replica: Replica, batch: list[dict[str, Any]]) -> None:
+    with replica.connect() as ws:
+        assert exchange(ws, [json.dumps(r) for r in batch]) is None
+    replica.check()
+
+
+@EXAMPLES
+@given(channels)
+def test_arbitrary_channel_names(replica: Replica, channel: str) -> None:
+    with replica.connect() as ws:
+        ws.send(json.dumps({"op": "subscribe", "channel": channel, "id": 1}))
+        answer = json.loads(ws.recv(5))
+        valid = 1 <= len(channel) <= 128 and all(
+            c.isascii() and (c.isalnum() or c in "_.:@/-") for c in channel
+        )
+        assert answer["op"] == ("subscribed" if valid else "error"), (channel, answer)
+        assert answer["id"] == 1
+    replica.check()
+
+
+@EXAMPLES
+@given(st.binary(min_size=0, max_size=100))
+def test_binary_frames_close_with_1003(replica: Replica, data: bytes) -> None:
+    with replica.connect() as ws:
+        assert exchange(ws, [data]) == 1003
+    replica.check()
+
+
+def handshake(port: int, target: bytes, headers: list[tuple[bytes, bytes]]) -> int | None:
+    """A hand-made upgrade request; returns the status code, None if the server hung up."""
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    request += b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    request += b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    request += b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        response = b""
+        while b"\r\n" not in response:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return None
+            response += chunk
+    return int(response.split(b" ", 2)[1])
+
+
+query_text = st.text(
+    st.characters(codec="ascii", exclude_characters=" \r\n\x00#"), max_size=80
+) | st.sampled_from(
+    [
+        "channels=",
+        "channels=a,,b",
+        "channels=%ff",
+        "token=",
+        "token=x.y.z",
+        "channels=news&channels=a%20b",
+        "&&&",
+        "channels=" + "a," * 200,
+    ]
+)
+
+
+@EXAMPLES
+@given(query_text)
+def test_arbitrary_query_strings(replica: Replica, query: str) -> None:
+    status = handshake(replica.gateway.gateway.port, b"/ws?" + query.encode(), [])
+    assert status is None or status in HANDSHAKE_STATUSES, (query, status)
+    replica.check()
+
+
+header_names = st.sampled_from(
+    [
+        b"Origin",
+        b"Authorization",
+        b"Cookie",
+        b"X-Forwarded-For",
+        b"Sec-WebSocket-Protocol",
+        b"Sec-WebSocket-Extensions",
+        b"Sec-WebSocket-Key",
+        b"Content-Length",
+        b"X-Junk",
+    ]
+)
+header_values = st.binary(max_size=100).map(lambda b: bytes(c for c in b if c not in b"\r\n"))
+
+
+@EXAMPLES
+@given(st.lists(st.tuples(header_names, header_values), max_size=4))
+def test_arbitrary_headers(replica: Replica, headers: list[tuple[bytes, bytes]]) -> None:
+    status = handshake(replica.gateway.gateway.port, b"/ws", headers)
+    assert status is None or status in HANDSHAKE_STATUSES, (headers, status)
+    replica.check()
+
+
+redis_payloads = st.one_of(
+    st.binary(max_size=300),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {
+            "v": st.sampled_from([1, 2, "1"]),
+            "channel": st.sampled_from(["fuzz", "other"]),
+            "data": json_values,
+            "mid": st.text(max_size=10),
+            "ts": st.integers(),
+        },
+    ).map(lambda d: json.dumps(d).encode()),
+)
+
+
+@EXAMPLES
+@given(st.lists(redis_payloads, min_size=1, max_size=5))
+def test_arbitrary_bytes_on_the_redis_channel(replica: Replica, payloads: list[bytes]) -> None:
+    with replica.connect("?channels=fuzz") as ws:
+        assert json.loads(ws.recv(5))["op"] == "subscribed"
+        expected = []
+        for payload in payloads:
+            replica.publisher.publish("ws:fuzz", payload)
+            with contextlib.suppress(MalformedEnvelope):
+                expected.append(json.loads(bytes(decode_envelope(payload, "fuzz").data)))
+        replica.publisher.publish("ws:fuzz", envelope("fuzz", "end"))
+        delivered = []
+        while (message := json.loads(ws.recv(5)))["data"] != "end":
+            assert (message["op"], message["channel"]) == ("message", "fuzz")
+            delivered.append(message["data"])
+        assert delivered == expected
+    time.sleep(0)
+    replica.check()
