@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from gateway.logs import configure_logging
 from gateway.server import Gateway
 from gateway.settings import Settings, env_name, flag_name
 
@@ -45,16 +46,6 @@ def load_settings(argv: Sequence[str]) -> Settings:
         raise InvalidSetting(f"invalid settings: {first['msg']}") from None
     except SettingsError as exc:
         raise InvalidSetting(str(exc).splitlines()[0]) from None
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The library logs every failed handshake (port scanners, health checks from proxies).
-    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.root.level))
 
 
 def raise_file_limit() -> int:
@@ -113,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except InvalidSetting as exc:
         print(f"wsgateway: {exc}", file=sys.stderr)
         sys.exit(2)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     files = raise_file_limit()
     log.info("file descriptor limit %d: room for about %d connections", files, files - 64)
     try:

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
-from gateway.envelope import MalformedEnvelope, decode_envelope
+from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
 from gateway.protocol import message
 from gateway.session import Session
 from gateway.stats import Stats
 from gateway.throttle import Throttle
+
+if TYPE_CHECKING:
+    from gateway.telemetry import Telemetry
 
 __all__ = ["Hub"]
 
@@ -38,8 +43,14 @@ class _Channel:
 
 
 class Hub:
-    def __init__(self, make_backplane: Callable[[OnMessage], Backplane], stats: Stats) -> None:
+    def __init__(
+        self,
+        make_backplane: Callable[[OnMessage], Backplane],
+        stats: Stats,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.stats = stats
+        self.telemetry = telemetry
         self.backplane = make_backplane(self.dispatch)
         self._channels: dict[str, _Channel] = {}
         self._malformed_log = Throttle()
@@ -65,11 +76,25 @@ class Hub:
             stats.malformed[exc.reason] += 1
             self._log_malformed(channel, exc)
             return
+        telemetry = self.telemetry
+        if telemetry is None:
+            self._fan_out(envelope, local.members)
+            return
+        started = time.perf_counter()
+        if telemetry.tracer is None:
+            self._fan_out(envelope, local.members)
+        else:
+            with telemetry.consume(envelope) as span:
+                span.set_attribute("wsgateway.deliveries", self._fan_out(envelope, local.members))
+        telemetry.fanout_duration.record(time.perf_counter() - started)
+        telemetry.delivery_latency.record(max(0.0, time.time() - envelope.ts / 1000))
+
+    def _fan_out(self, envelope: Envelope, members: dict[Session, None]) -> int:
         item = message(envelope)
-        members = local.members
         for session in members:
             session.send(item)
-        stats.fanout += len(members)
+        self.stats.fanout += len(members)
+        return len(members)
 
     def _log_malformed(self, channel: str, exc: MalformedEnvelope) -> None:
         # One line a second at most: a broken publisher must not flood the log.

@@ -160,11 +160,12 @@ class Outbound:
     without compression the same bytes serve every subscriber.
     """
 
-    __slots__ = ("frame", "text")
+    __slots__ = ("frame", "text", "ts")
 
-    def __init__(self, text: bytes) -> None:
+    def __init__(self, text: bytes, ts: int | None = None) -> None:
         self.text = text
         self.frame = Frame(Opcode.TEXT, text).serialize(mask=False)
+        self.ts = ts  # publish time of a message (unix ms); None for replies
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -197,7 +198,8 @@ _encode = msgspec.json.encode
 def message(envelope: Envelope) -> Outbound:
     """The ``message`` frame for an envelope; ``data`` is copied byte for byte."""
     return Outbound(
-        _encode(_Message("message", envelope.channel, envelope.data, envelope.mid, envelope.ts))
+        _encode(_Message("message", envelope.channel, envelope.data, envelope.mid, envelope.ts)),
+        envelope.ts,
     )
 
 

@@ -16,6 +16,9 @@ import re
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import SpanKind, StatusCode, TracerProvider
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -41,6 +44,7 @@ from gateway.protocol import (
 from gateway.session import Limits, Session, SessionConnection
 from gateway.settings import Settings
 from gateway.stats import Stats
+from gateway.telemetry import Telemetry
 from gateway.throttle import Throttle
 from publisher.envelope import EnvelopeError, build_envelope
 
@@ -54,10 +58,23 @@ WS_PATH = "/ws"
 class Gateway:
     """One replica. ``await start()``, later ``await shutdown()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.settings = settings
         self.stats = Stats()
-        self.hub = Hub(functools.partial(create_backplane, settings), self.stats)
+        self.telemetry = Telemetry(
+            prometheus=settings.metrics == "on",
+            meter_provider=meter_provider,
+            tracer_provider=tracer_provider,
+        )
+        self.stats.record_queue_depth = self.telemetry.queue_depth.record
+        self.stats.record_latency = self.telemetry.delivery_latency.record
+        self.hub = Hub(functools.partial(create_backplane, settings), self.stats, self.telemetry)
         self.auth = _authenticator(settings)
         self.limits = Limits(
             max_messages=settings.queue_max_messages,
@@ -75,6 +92,7 @@ class Gateway:
         self._stop_draining = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._refusals = Throttle()
+        self.telemetry.observe(self)
 
     @property
     def backplane_name(self) -> str:
@@ -100,7 +118,11 @@ class Gateway:
         connection_class = type(
             "SessionConnection",
             (SessionConnection,),
-            {"send_buffer": s.send_buffer, "on_congested": self._congested},
+            {
+                "send_buffer": s.send_buffer,
+                "on_congested": self._congested,
+                "on_latency": self.telemetry.keepalive_rtt.record,
+            },
         )
         self.server = await serve(
             self._handle,
@@ -108,6 +130,7 @@ class Gateway:
             s.port,
             create_connection=connection_class,
             process_request=self._process_request,
+            process_response=self._process_response,
             origins=_origins(s),
             compression="deflate" if s.compression == "deflate" else None,
             max_size=s.max_message_size,
@@ -130,6 +153,12 @@ class Gateway:
             ready, reason = self.readiness()
             status = http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE
             return connection.respond(status, reason + "\n")
+        if url.path == "/metrics" and self.telemetry.registry is not None:
+            response = connection.respond(
+                http.HTTPStatus.OK, generate_latest(self.telemetry.registry).decode()
+            )
+            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return response
         if url.path != WS_PATH:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
         if self.draining:
@@ -160,6 +189,24 @@ class Gateway:
         connection.identity = identity
         connection.initial_channels = tuple(channels)
         return None
+
+    def _process_response(
+        self, connection: ServerConnection, request: Request, response: Response
+    ) -> None:
+        """A span for every refused WebSocket handshake (the library's refusals included)."""
+        tracer = self.telemetry.tracer
+        path = urlsplit(request.path).path
+        if tracer is not None and path == WS_PATH and response.status_code != 101:
+            with tracer.start_as_current_span(
+                "handshake",
+                kind=SpanKind.SERVER,
+                attributes={
+                    "http.response.status_code": response.status_code,
+                    "url.path": path,
+                    "error.type": str(response.status_code),
+                },
+            ) as span:
+                span.set_status(StatusCode.ERROR, response.reason_phrase)
 
     def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, why: str) -> Response:
         if self._refusals.ready():
@@ -221,6 +268,15 @@ class Gateway:
             if code == Close.MESSAGE_TOO_BIG:
                 reason = "limit"
         self.stats.closes[(code, reason)] += 1
+        tracer = self.telemetry.tracer
+        if tracer is not None:
+            attributes: dict[str, str | int] = {
+                "websocket.close.code": code,
+                "wsgateway.close.reason": reason,
+            }
+            if session.subject is not None:
+                attributes["enduser.id"] = session.subject
+            tracer.start_span("close", kind=SpanKind.SERVER, attributes=attributes).end()
         dropped = session.outbox.dropped if session.outbox is not None else 0
         log.debug(
             "connection %s closed: %d (%s), %d messages dropped by policy %s",
@@ -343,6 +399,7 @@ class Gateway:
                 async with asyncio.timeout(1):
                     await self.server.wait_closed()
         await self.hub.backplane.close()
+        self.telemetry.shutdown()
         log.info("stopped")
 
     async def _drain(self, end: float) -> None:

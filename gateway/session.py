@@ -73,6 +73,8 @@ class SessionConnection(ServerConnection):
     send_buffer: int | None = None
     #: Called with the session when its transport fills up (the replica's stall watch).
     on_congested: Callable[[Session], None] | None = None
+    #: Called with the round-trip time of each keepalive pong.
+    on_latency: Callable[[float], object] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -83,6 +85,11 @@ class SessionConnection(ServerConnection):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
         # Reading resumes only when neither the inbound queue nor congestion holds it.
         self.recv_messages.resume = self._resume_reading
+
+    def acknowledge_pings(self, data: bytes) -> None:
+        super().acknowledge_pings(data)
+        if self.on_latency is not None and self.latency:
+            self.on_latency(self.latency)
 
     def _resume_reading(self) -> None:
         if not self.paused and not self.recv_messages.paused:
@@ -172,6 +179,7 @@ class Session:
             limits = self.limits
             outbox = self.outbox = Outbox(limits.max_messages, limits.max_bytes, limits.policy)
         before = outbox.dropped
+        self.stats.record_queue_depth(len(outbox))
         if not outbox.push(item):
             self.stats.slow_consumers += 1
             if _eviction_log.ready():
@@ -186,7 +194,7 @@ class Session:
             self.close(Close.SLOW_CONSUMER, "slow consumer")
             return
         if outbox.dropped != before:
-            self.stats.dropped += outbox.dropped - before
+            self.stats.drops[(outbox.policy, "queue_full")] += outbox.dropped - before
 
     def flush(self) -> None:
         """Write queued frames while the transport takes them, a few large writes at a time."""
@@ -196,7 +204,12 @@ class Session:
             if connection.protocol.state is not State.OPEN:
                 outbox.clear()
                 return
-            self._write(outbox.pop_batch(connection.write_limit_high))
+            batch = outbox.pop_batch(connection.write_limit_high)
+            self._write(batch)
+            now_ms = time.time() * 1000
+            for item in batch:
+                if item.ts is not None:
+                    self.stats.record_latency(max(0.0, now_ms - item.ts) / 1000)
 
     def _write(self, items: tuple[Outbound, ...] | list[Outbound]) -> None:
         connection = self.connection
@@ -230,7 +243,8 @@ class Session:
             return
         self.close_code = code
         self.close_reason = reason
-        if self.outbox is not None:
+        if self.outbox:
+            self.stats.drops[(self.limits.policy, "closed")] += len(self.outbox)
             self.outbox.clear()  # the client will never read these; free them now
         connection = self.connection
         if connection.protocol.state is State.OPEN:

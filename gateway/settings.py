@@ -146,9 +146,17 @@ class Settings(BaseSettings):
     probe_timeout: Seconds = Field(
         3.0, description="seconds a probe may take before the Redis connection is replaced"
     )
+    metrics: Literal["on", "off"] = Field(
+        "on", description="the Prometheus /metrics endpoint on the gateway's port"
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="json: one object a line; text: for people; auto: text on a terminal"
+    )
     log_level: LogLevel = Field("info", description="debug, info, warning or error")
 
-    @field_validator("log_level", "slow_consumer_policy", "compression", mode="before")
+    @field_validator(
+        "log_level", "log_format", "metrics", "slow_consumer_policy", "compression", mode="before"
+    )
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

@@ -6,6 +6,7 @@ Metrics exporters read them; nothing here does I/O or takes a lock.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["Stats"]
@@ -19,8 +20,13 @@ class Stats:
     closes: Counter[tuple[int, str]] = field(default_factory=Counter)
     messages_received: int = 0  # envelopes from the backplane for channels with subscribers
     fanout: int = 0  # messages handed to sessions (written through or queued)
-    dropped: int = 0  # messages discarded by drop-oldest / drop-newest
+    #: (policy, reason) -> deliveries dropped: reason "queue_full" (drop-oldest/-newest) or
+    #: "closed" (still queued when the connection was closed)
+    drops: Counter[tuple[str, str]] = field(default_factory=Counter)
     slow_consumers: int = 0  # sessions closed by the close policy
     stalled: int = 0  # sessions cut off after stall_timeout with a full transport
     refused: Counter[str] = field(default_factory=Counter)  # handshakes refused, by reason
     malformed: Counter[str] = field(default_factory=Counter)  # by reason
+    # Histogram recorders for the congested path, plugged in by the telemetry.
+    record_queue_depth: Callable[[int], object] = field(default=lambda depth: None)
+    record_latency: Callable[[float], object] = field(default=lambda seconds: None)

@@ -1,14 +1,23 @@
-"""Sync and asyncio publishers: validate, encode, ``PUBLISH`` on ``<prefix><channel>``."""
+"""Sync and asyncio publishers: validate, encode, ``PUBLISH`` on ``<prefix><channel>``.
+
+Each publish is a PRODUCER span ``send <channel>`` (when an OpenTelemetry SDK is configured)
+whose context travels in the envelope as ``traceparent``/``tracestate``, so the gateways'
+CONSUMER spans link back to it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Self
 
 import redis
 import redis.asyncio
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind
 
-from publisher.envelope import MAX_ENVELOPE_BYTES, build_envelope
+from publisher.envelope import MAX_ENVELOPE_BYTES, build_envelope, check_channel, new_mid
 from publisher.settings import PublisherSettings
 
 __all__ = ["AsyncPublisher", "Publisher"]
@@ -21,16 +30,43 @@ class _Base:
         *,
         prefix: str | None = None,
         max_envelope_bytes: int = MAX_ENVELOPE_BYTES,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         defaults = PublisherSettings()
         self.redis_url = redis_url or defaults.redis_url
         self.prefix = defaults.channel_prefix if prefix is None else prefix
         self.max_envelope_bytes = max_envelope_bytes
+        self._tracer = trace.get_tracer("wsgateway.publisher", tracer_provider=tracer_provider)
 
-    def encode(self, channel: str, data: Any, mid: str | None) -> tuple[bytes, bytes]:
-        """(Redis channel, envelope); raises EnvelopeError before anything reaches Redis."""
-        envelope = build_envelope(channel, data, mid=mid, max_bytes=self.max_envelope_bytes)
-        return (self.prefix + channel).encode(), envelope
+    @contextmanager
+    def _sending(
+        self, channel: str, data: Any, mid: str | None
+    ) -> Iterator[tuple[Span, bytes, bytes]]:
+        """Validate (raising EnvelopeError before anything reaches Redis), open the PRODUCER
+        span, and yield it with the Redis channel and the envelope carrying its context."""
+        check_channel(channel)
+        mid = new_mid() if mid is None else mid
+        with self._tracer.start_as_current_span(
+            f"send {channel}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": channel,
+                "messaging.message.id": mid,
+            },
+        ) as span:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            envelope = build_envelope(
+                channel,
+                data,
+                mid=mid,
+                traceparent=carrier.get("traceparent"),
+                tracestate=carrier.get("tracestate") or None,
+                max_bytes=self.max_envelope_bytes,
+            )
+            yield span, (self.prefix + channel).encode(), envelope
 
 
 class Publisher(_Base):
@@ -42,8 +78,10 @@ class Publisher(_Base):
 
     def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
         """Publish ``data`` (any JSON value) to ``channel``; return how many gateways got it."""
-        key, envelope = self.encode(channel, data, mid)
-        return int(self._redis.publish(key, envelope))
+        with self._sending(channel, data, mid) as (span, key, envelope):
+            receivers = int(self._redis.publish(key, envelope))
+            span.set_attribute("wsgateway.receivers", receivers)
+            return receivers
 
     def close(self) -> None:
         self._redis.close()
@@ -69,8 +107,10 @@ class AsyncPublisher(_Base):
 
     async def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
         """Publish ``data`` (any JSON value) to ``channel``; return how many gateways got it."""
-        key, envelope = self.encode(channel, data, mid)
-        return int(await self._redis.publish(key, envelope))
+        with self._sending(channel, data, mid) as (span, key, envelope):
+            receivers = int(await self._redis.publish(key, envelope))
+            span.set_attribute("wsgateway.receivers", receivers)
+            return receivers
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -29,6 +29,7 @@ __all__ = [
     "is_valid_channel",
     "is_valid_mid",
     "is_valid_traceparent",
+    "new_mid",
 ]
 
 CHANNEL_MAX_LENGTH = 128

@@ -58,7 +58,7 @@ SECRET = "s" * 32
 
 
 def hs_token(**claims: object) -> str:
-    body = {"sub": "alice", "exp": int(time.time()) + 60, **claims}
+    body = {"sub": "alice", "exp": int(time.time()) + 3600, **claims}
     return jwt.encode({k: v for k, v in body.items() if v is not None}, SECRET, algorithm="HS256")
 
 

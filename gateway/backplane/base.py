@@ -19,9 +19,17 @@ class BackplaneUnavailable(Exception):
 class Backplane(abc.ABC):
     #: Short name for logs and metrics: ``memory`` or ``redis``.
     name: str
+    #: Connections re-established after a loss, and the total time spent disconnected.
+    reconnects: int = 0
+    outage_seconds: float = 0.0
 
     def __init__(self, on_message: OnMessage) -> None:
         self.on_message = on_message
+
+    @property
+    @abc.abstractmethod
+    def subscribed_channels(self) -> int:
+        """How many channels the backplane receives for this replica."""
 
     @property
     @abc.abstractmethod

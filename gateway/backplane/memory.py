@@ -18,6 +18,10 @@ class MemoryBackplane(Backplane):
     def connected(self) -> bool:
         return True
 
+    @property
+    def subscribed_channels(self) -> int:
+        return len(self._channels)
+
     async def start(self) -> None:
         pass
 

@@ -1,0 +1,295 @@
+"""OpenTelemetry metrics and traces of a replica.
+
+Counters live in :class:`~gateway.stats.Stats` as plain integers bumped in bulk; the instruments
+here are observable ones that read them when a reader collects, so the fan-out path makes no
+metric call per delivery. Histograms are recorded once per message (fan-out duration, delivery
+latency of uncongested clients), per queued delivery (congested clients only) and per pong.
+
+Exporters are configured the standard way: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the per-signal
+``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT``) turns on OTLP, ``OTEL_EXPORTER_OTLP_PROTOCOL``
+picks ``grpc`` (default) or ``http/protobuf``, ``OTEL_{TRACES,METRICS}_EXPORTER=none`` turns a
+signal off, ``OTEL_TRACES_SAMPLER``/``_ARG`` set sampling, ``OTEL_SERVICE_NAME`` the service.
+``GATEWAY_METRICS=off`` removes the Prometheus ``/metrics`` endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Link, SpanKind, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry
+
+import gateway
+
+if TYPE_CHECKING:
+    from gateway.envelope import Envelope
+    from gateway.server import Gateway
+
+__all__ = ["LATENCY_BUCKETS", "Telemetry"]
+
+#: Seconds, 50 microseconds to 10 seconds (the SDK's defaults assume milliseconds).
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+QUEUE_DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+_propagator = TraceContextTextMapPropagator()
+
+
+def _exporter_wanted(signal: str) -> bool:
+    choice = os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip().lower()
+    if choice:
+        return choice == "otlp"
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    )
+
+
+def _http_protocol() -> bool:
+    return os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip() in (
+        "http/protobuf",
+        "http",
+    )
+
+
+def _otlp_metric_reader() -> MetricReader:
+    if _http_protocol():
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # type: ignore[assignment]
+            OTLPMetricExporter,
+        )
+    return PeriodicExportingMetricReader(OTLPMetricExporter())
+
+
+def _otlp_tracer_provider(resource: Resource) -> TracerProvider:
+    if _http_protocol():
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[assignment]
+            OTLPSpanExporter,
+        )
+    provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+class Telemetry:
+    """The replica's meter, tracer and Prometheus registry.
+
+    Tests inject their own providers (with in-memory readers and exporters); otherwise they
+    are built from the environment. ``tracer`` is None when no trace exporter is configured:
+    the message path then does no tracing work at all.
+    """
+
+    def __init__(
+        self,
+        *,
+        prometheus: bool,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
+        resource = Resource.create(
+            {
+                "service.name": os.environ.get("OTEL_SERVICE_NAME", "wsgateway"),
+                "service.version": gateway.__version__,
+            }
+        )
+        self.registry: CollectorRegistry | None = None
+        self._owned: list[Any] = []  # providers built here, shut down here
+        if meter_provider is None:
+            readers: list[MetricReader] = []
+            if prometheus:
+                from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+                self.registry = CollectorRegistry()
+                readers.append(PrometheusMetricReader(registry=self.registry))
+            if _exporter_wanted("metrics"):
+                readers.append(_otlp_metric_reader())
+            meter_provider = SdkMeterProvider(resource=resource, metric_readers=readers)
+            self._owned.append(meter_provider)
+        if tracer_provider is None and _exporter_wanted("traces"):
+            tracer_provider = _otlp_tracer_provider(resource)
+            self._owned.append(tracer_provider)
+        self.tracer: Tracer | None = (
+            tracer_provider.get_tracer("wsgateway", gateway.__version__)
+            if tracer_provider is not None
+            else None
+        )
+        meter = meter_provider.get_meter("wsgateway", gateway.__version__)
+        self.meter = meter
+        self.fanout_duration = meter.create_histogram(
+            "wsgateway.fanout.duration",
+            unit="s",
+            description="time to hand one message to every local subscriber",
+            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
+        )
+        self.delivery_latency = meter.create_histogram(
+            "wsgateway.delivery.latency",
+            unit="s",
+            description="publish time (envelope ts, millisecond resolution) to the frame being "
+            "handed to the client's socket",
+            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
+        )
+        self.queue_depth = meter.create_histogram(
+            "wsgateway.queue.depth",
+            unit="{message}",
+            description="depth of a client's queue when a message is queued (congested clients)",
+            explicit_bucket_boundaries_advisory=list(QUEUE_DEPTH_BUCKETS),
+        )
+        self.keepalive_rtt = meter.create_histogram(
+            "wsgateway.keepalive.rtt",
+            unit="s",
+            description="round-trip time of keepalive ping/pong",
+            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
+        )
+
+    def observe(self, replica: Gateway) -> None:
+        """Register the observable instruments that read ``replica``'s counters."""
+        stats = replica.stats
+        backplane = replica.hub.backplane
+        meter = self.meter
+
+        def one(value: Callable[[], float]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            return lambda options: [Observation(value())]
+
+        def by(
+            counter: Callable[[], dict[Any, int]], names: tuple[str, ...]
+        ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            def observe(options: CallbackOptions) -> Iterable[Observation]:
+                for key, value in list(counter().items()):
+                    values = key if isinstance(key, tuple) else (key,)
+                    yield Observation(value, dict(zip(names, values, strict=True)))
+
+            return observe
+
+        meter.create_observable_up_down_counter(
+            "wsgateway.connections.open",
+            [one(lambda: stats.connections_open)],
+            unit="{connection}",
+            description="open client connections",
+        )
+        meter.create_observable_counter(
+            "wsgateway.connections.opened",
+            [one(lambda: stats.connections_opened)],
+            unit="{connection}",
+            description="client connections accepted",
+        )
+        meter.create_observable_counter(
+            "wsgateway.connections.closed",
+            [by(lambda: stats.closes, ("websocket.close.code", "reason"))],
+            unit="{connection}",
+            description="client connections closed, by close code and reason (client, "
+            "slow_consumer, drain, rate_limit, auth, protocol, limit, error)",
+        )
+        meter.create_observable_counter(
+            "wsgateway.handshakes.refused",
+            [by(lambda: stats.refused, ("reason",))],
+            unit="{handshake}",
+            description="handshakes refused, by reason",
+        )
+        meter.create_observable_counter(
+            "wsgateway.messages.received",
+            [one(lambda: stats.messages_received)],
+            unit="{message}",
+            description="messages received from the backplane",
+        )
+        meter.create_observable_counter(
+            "wsgateway.messages.malformed",
+            [by(lambda: stats.malformed, ("reason",))],
+            unit="{message}",
+            description="malformed envelopes dropped, by reason",
+        )
+        meter.create_observable_counter(
+            "wsgateway.deliveries",
+            [one(lambda: stats.fanout)],
+            unit="{delivery}",
+            description="messages handed to clients (written or queued)",
+        )
+        meter.create_observable_counter(
+            "wsgateway.deliveries.dropped",
+            [by(lambda: stats.drops, ("policy", "reason"))],
+            unit="{delivery}",
+            description="deliveries dropped, by policy and reason",
+        )
+        meter.create_observable_gauge(
+            "wsgateway.queue.deepest",
+            [one(lambda: max((s.queued for s in list(replica.sessions)), default=0))],
+            unit="{message}",
+            description="the deepest client queue on the replica",
+        )
+        meter.create_observable_gauge(
+            "wsgateway.queue.bytes",
+            [
+                one(
+                    lambda: sum(
+                        s.outbox.bytes for s in list(replica.sessions) if s.outbox is not None
+                    )
+                )
+            ],
+            unit="By",
+            description="bytes queued for all clients of the replica",
+        )
+        meter.create_observable_gauge(
+            "wsgateway.backplane.connected",
+            [one(lambda: int(backplane.connected))],
+            unit="1",
+            description="1 while the backplane is connected",
+        )
+        meter.create_observable_counter(
+            "wsgateway.backplane.reconnects",
+            [one(lambda: backplane.reconnects)],
+            unit="{reconnect}",
+            description="backplane connections re-established after a loss",
+        )
+        meter.create_observable_up_down_counter(
+            "wsgateway.backplane.channels",
+            [one(lambda: backplane.subscribed_channels)],
+            unit="{channel}",
+            description="channels the backplane is subscribed to",
+        )
+        meter.create_observable_counter(
+            "wsgateway.backplane.outage",
+            [one(lambda: backplane.outage_seconds)],
+            unit="s",
+            description="total time the backplane was disconnected",
+        )
+
+    def consume(self, envelope: Envelope) -> Any:
+        """A CONSUMER span ``process <channel>`` linked to the publisher's span, if any."""
+        assert self.tracer is not None
+        links = []
+        if envelope.traceparent is not None:
+            carrier = {"traceparent": envelope.traceparent}
+            if envelope.tracestate is not None:
+                carrier["tracestate"] = envelope.tracestate
+            context = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
+            if context.is_valid:
+                links.append(Link(context))
+        return self.tracer.start_as_current_span(
+            f"process {envelope.channel}",
+            kind=SpanKind.CONSUMER,
+            links=links,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": envelope.channel,
+                "messaging.message.id": envelope.mid,
+            },
+        )
+
+    def shutdown(self) -> None:
+        for provider in self._owned:
+            provider.shutdown()
