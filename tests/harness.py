@@ -345,7 +345,7 @@ class ThreadedGateway:
     """A real :class:`gateway.server.Gateway` on its own event loop in a thread of the test
     process, so a test can look inside it (tasks, sessions, subscriptions) between requests."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, providers: dict[str, Any] | None = None, **settings: Any) -> None:
         from gateway.server import Gateway
         from gateway.settings import Settings
 
@@ -353,6 +353,7 @@ class ThreadedGateway:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._settings = Settings(_cli_parse_args=[], host="127.0.0.1", port=0, **settings)
         self._gateway_class = Gateway
+        self._providers = providers or {}
         self.gateway: Any = None
 
     def call(self, function: Callable[[], Any]) -> Any:
@@ -367,7 +368,7 @@ class ThreadedGateway:
         self._thread.start()
 
         async def start() -> None:
-            self.gateway = self._gateway_class(self._settings)
+            self.gateway = self._gateway_class(self._settings, **self._providers)
             await self.gateway.start()
             await async_wait_until(lambda: self.gateway.hub.backplane.connected)
 

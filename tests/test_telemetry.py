@@ -1,0 +1,280 @@
+"""Traces, metrics and logs, read back from in-memory exporters injected into a real gateway
+(real sockets, real Redis) and a real publisher, and from a real process's /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
+
+from gateway.logs import JsonFormatter
+from publisher import AsyncPublisher
+from tests.harness import (
+    GatewayFactory,
+    RawClient,
+    RedisServer,
+    ThreadedGateway,
+    async_wait_until,
+    client,
+    envelope,
+    recv_json,
+    request,
+)
+
+
+class Observed:
+    """A real in-process gateway whose metrics and spans land in memory."""
+
+    def __init__(self, redis_server: RedisServer, **settings: Any) -> None:
+        self.reader = InMemoryMetricReader()
+        self.spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.replica = ThreadedGateway(
+            {
+                "meter_provider": MeterProvider(metric_readers=[self.reader]),
+                "tracer_provider": tracer_provider,
+            },
+            redis_url=redis_server.url,
+            log_level="warning",
+            **settings,
+        ).start()
+
+    def metric(self, name: str, **attributes: Any) -> float:
+        """The current value (sum, gauge, or histogram count) of one stream; 0 if absent."""
+        data = self.reader.get_metrics_data()
+        total = 0.0
+        for resource in data.resource_metrics if data else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name != name:
+                        continue
+                    for point in metric.data.data_points:
+                        if all(point.attributes.get(k) == v for k, v in attributes.items()):
+                            total += (
+                                point.count
+                                if isinstance(point, HistogramDataPoint)
+                                else point.value
+                            )  # type: ignore[union-attr]
+        return total
+
+    def finished(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if s.name == name]
+
+
+@pytest.fixture
+def observed(redis_server: RedisServer) -> Iterator[Observed]:
+    gateway = Observed(redis_server, rate_limit=20)
+    yield gateway
+    gateway.replica.stop()
+
+
+async def test_a_publish_makes_a_producer_span_and_a_linked_consumer_span(
+    observed: Observed, redis_server: RedisServer
+) -> None:
+    publisher_spans = InMemorySpanExporter()
+    publisher_tracing = TracerProvider()
+    publisher_tracing.add_span_processor(SimpleSpanProcessor(publisher_spans))
+    url = observed.replica.ws_url + "?channels=news"
+    async with client(url) as a, client(url) as b:
+        await recv_json(a)
+        await recv_json(b)
+        async with AsyncPublisher(redis_server.url, tracer_provider=publisher_tracing) as pub:
+            assert await pub.publish("news", {"n": 1}, mid="trace-me") == 1
+        for ws in (a, b):
+            assert (await recv_json(ws))["mid"] == "trace-me"
+    [producer] = publisher_spans.get_finished_spans()
+    assert producer.name == "send news" and producer.kind is SpanKind.PRODUCER
+    assert producer.attributes is not None
+    assert producer.attributes["messaging.destination.name"] == "news"
+    assert producer.attributes["messaging.message.id"] == "trace-me"
+    await async_wait_until(lambda: observed.finished("process news"))
+    [consumer] = observed.finished("process news")
+    assert consumer.kind is SpanKind.CONSUMER
+    assert consumer.attributes is not None
+    assert consumer.attributes["messaging.system"] == "redis"
+    assert consumer.attributes["messaging.destination.name"] == "news"
+    assert consumer.attributes["messaging.message.id"] == "trace-me"
+    assert consumer.attributes["wsgateway.deliveries"] == 2
+    [link] = consumer.links
+    assert producer.context is not None
+    assert (link.context.trace_id, link.context.span_id) == (
+        producer.context.trace_id,
+        producer.context.span_id,
+    )
+
+
+async def test_counters_move_by_exactly_the_expected_amounts(
+    observed: Observed, redis_server: RedisServer
+) -> None:
+    o = observed
+    url = o.replica.ws_url
+    async with client(url + "?channels=news") as a, client(url + "?channels=news") as b:
+        await recv_json(a)
+        await recv_json(b)
+        assert o.metric("wsgateway.connections.open") == 2
+        assert o.metric("wsgateway.backplane.channels") == 1
+        for n in range(3):
+            redis_server.publish("ws:news", envelope("news", n))
+        redis_server.publish("ws:news", b"not json")
+        redis_server.publish("ws:news", envelope("sports", "wrong channel"))
+        for ws in (a, b):
+            assert [(await recv_json(ws))["data"] for _ in range(3)] == [0, 1, 2]
+        await async_wait_until(lambda: o.metric("wsgateway.messages.received") == 5)
+        assert o.metric("wsgateway.deliveries") == 6
+        assert o.metric("wsgateway.messages.malformed", reason="json") == 1
+        assert o.metric("wsgateway.messages.malformed", reason="channel") == 1
+        assert o.metric("wsgateway.fanout.duration") == 3
+        assert o.metric("wsgateway.delivery.latency") == 3
+    async with client(url) as flood:
+        for n in range(40):
+            await flood.send(json.dumps({"op": "ping", "id": n}))
+        with pytest.raises(Exception):  # noqa: B017 - closed by the rate limit
+            while True:
+                await recv_json(flood)
+    await async_wait_until(lambda: o.metric("wsgateway.connections.open") == 0)
+    assert o.metric("wsgateway.connections.opened") == 3
+    assert o.metric("wsgateway.connections.closed", **{"websocket.close.code": 1000}) == 2
+    assert o.metric("wsgateway.connections.closed", reason="client") == 2
+    assert (
+        o.metric(
+            "wsgateway.connections.closed", **{"websocket.close.code": 1008}, reason="rate_limit"
+        )
+        == 1
+    )
+    close_spans = o.finished("close")
+    assert sorted(
+        s.attributes["websocket.close.code"]
+        for s in close_spans  # type: ignore[index]
+    ) == [1000, 1000, 1008]
+
+
+async def test_refused_handshakes_are_counted_and_traced(redis_server: RedisServer) -> None:
+    o = Observed(redis_server, max_connections=1)
+    try:
+        async with client(o.replica.ws_url):
+            with pytest.raises(InvalidStatus):
+                async with client(o.replica.ws_url):
+                    pass
+        assert o.metric("wsgateway.handshakes.refused", reason="capacity") == 1
+        [span] = o.finished("handshake")
+        assert span.attributes is not None
+        assert span.attributes["http.response.status_code"] == 503
+    finally:
+        o.replica.stop()
+
+
+async def test_drops_are_counted_exactly(redis_server: RedisServer) -> None:
+    o = Observed(
+        redis_server,
+        slow_consumer_policy="drop-newest",
+        queue_max_messages=10,
+        send_buffer=4096,
+        write_limit=4096,
+        stall_timeout=60,
+    )
+    stalled = RawClient(o.replica.ws_url + "?channels=feed", rcvbuf=4096)
+    try:
+        hub = o.replica.gateway.hub
+        await async_wait_until(lambda: o.replica.call(lambda: hub.subscribers("feed")) == 1)
+        pad = "x" * 4000
+        count = 300
+        for n in range(count):
+            redis_server.publish("ws:feed", envelope("feed", {"n": n, "pad": pad}))
+        await async_wait_until(lambda: o.metric("wsgateway.deliveries") == count)
+        dropped = o.metric(
+            "wsgateway.deliveries.dropped", policy="drop-newest", reason="queue_full"
+        )
+        assert dropped > 0
+        assert o.metric("wsgateway.queue.deepest") == 10
+        assert o.metric("wsgateway.queue.depth") > 0  # depths were recorded at enqueue
+        # Read everything now: what arrives plus what was dropped is every message.
+        frames = await asyncio.to_thread(stalled.read_frames, 3.0)
+        received = [json.loads(f.data) for f in frames if f.data.startswith(b'{"op":"message"')]
+        assert len(received) + dropped == count
+    finally:
+        stalled.close()
+        o.replica.stop()
+
+
+async def test_backplane_state_and_reconnects(redis_server: RedisServer) -> None:
+    o = Observed(redis_server, reconnect_min=0.05, reconnect_max=0.2)
+    try:
+        assert o.metric("wsgateway.backplane.connected") == 1
+        assert o.metric("wsgateway.backplane.reconnects") == 0
+        redis_server.kill()
+        await async_wait_until(lambda: o.metric("wsgateway.backplane.connected") == 0)
+        await asyncio.sleep(0.5)
+        redis_server.start()
+        await async_wait_until(lambda: o.metric("wsgateway.backplane.connected") == 1, timeout=10)
+        assert o.metric("wsgateway.backplane.reconnects") == 1
+        assert o.metric("wsgateway.backplane.outage") >= 0.5
+    finally:
+        o.replica.stop()
+
+
+async def test_prometheus_endpoint_serves_parseable_text(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    gateway = gateway_factory({"GATEWAY_REDIS_URL": redis_server.url})
+    async with client(gateway.ws_url + "?channels=news") as ws:
+        await recv_json(ws)
+        redis_server.publish("ws:news", envelope("news", 1))
+        await recv_json(ws)
+        assert (await request(ws, {"op": "ping"}))["op"] == "pong"
+        status, text = gateway.http("/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["wsgateway_connections_open"].samples[0].value == 1
+    assert families["wsgateway_deliveries"].samples[0].value == 1
+    latency = families["wsgateway_delivery_latency_seconds"]
+    buckets = {s.labels["le"] for s in latency.samples if s.name.endswith("_bucket")}
+    assert {"5e-05", "0.001", "10.0", "+Inf"} <= buckets
+    assert families["wsgateway_backplane_connected"].samples[0].value == 1
+
+
+def test_metrics_endpoint_can_be_turned_off(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory({"GATEWAY_METRICS": "off"})
+    assert gateway.http("/metrics")[0] == 404
+
+
+def test_logs_are_json_lines_with_trace_ids_inside_spans(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    gateway = gateway_factory({"GATEWAY_LOG_FORMAT": "json"})
+    gateway.stop()
+    lines = gateway.logs().splitlines()
+    assert lines
+    for line in lines:
+        entry = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= entry.keys()
+    tracer = TracerProvider().get_tracer("test")
+    record = logging.LogRecord("gateway", logging.INFO, __file__, 1, "hello %s", ("x",), None)
+    with tracer.start_as_current_span("work") as span:
+        inside = json.loads(JsonFormatter().format(record))
+    outside = json.loads(JsonFormatter().format(record))
+    assert inside["message"] == "hello x"
+    assert inside["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert inside["span_id"] == format(span.get_span_context().span_id, "016x")
+    assert "trace_id" not in outside
+
+
+def test_text_logs_for_people(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory({"GATEWAY_LOG_FORMAT": "text"})
+    first = gateway.logs().splitlines()[0]
+    assert " INFO gateway: " in first and not first.startswith("{")
+    time.sleep(0)
