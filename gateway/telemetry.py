@@ -21,15 +21,14 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
 
 import gateway
+from publisher import otlp
 
 if TYPE_CHECKING:
     from gateway.envelope import Envelope
@@ -45,45 +44,6 @@ LATENCY_BUCKETS = (
 QUEUE_DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 _propagator = TraceContextTextMapPropagator()
-
-
-def _exporter_wanted(signal: str) -> bool:
-    choice = os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip().lower()
-    if choice:
-        return choice == "otlp"
-    return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
-    )
-
-
-def _http_protocol() -> bool:
-    return os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip() in (
-        "http/protobuf",
-        "http",
-    )
-
-
-def _otlp_metric_reader() -> MetricReader:
-    if _http_protocol():
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # type: ignore[assignment]
-            OTLPMetricExporter,
-        )
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
-
-
-def _otlp_tracer_provider(resource: Resource) -> TracerProvider:
-    if _http_protocol():
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[assignment]
-            OTLPSpanExporter,
-        )
-    provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return provider
 
 
 class Telemetry:
@@ -116,12 +76,12 @@ class Telemetry:
 
                 self.registry = CollectorRegistry()
                 readers.append(PrometheusMetricReader(registry=self.registry))
-            if _exporter_wanted("metrics"):
-                readers.append(_otlp_metric_reader())
+            if otlp.exporter_wanted("metrics"):
+                readers.append(otlp.metric_reader())
             meter_provider = SdkMeterProvider(resource=resource, metric_readers=readers)
             self._owned.append(meter_provider)
-        if tracer_provider is None and _exporter_wanted("traces"):
-            tracer_provider = _otlp_tracer_provider(resource)
+        if tracer_provider is None and otlp.exporter_wanted("traces"):
+            tracer_provider = otlp.tracer_provider(resource)
             self._owned.append(tracer_provider)
         self.tracer: Tracer | None = (
             tracer_provider.get_tracer("wsgateway", gateway.__version__)

@@ -6,13 +6,17 @@ Exit codes: 0 published, 1 Redis unreachable, 2 bad input. Errors are one line o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import msgspec
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
 from redis.exceptions import RedisError
 
+from publisher import otlp
 from publisher.client import Publisher
 from publisher.envelope import EnvelopeError, check_channel
 from publisher.settings import PublisherSettings
@@ -41,6 +45,14 @@ def _values(args: argparse.Namespace) -> Iterator[Any]:
         yield _parse_json(args.json, "JSON")
 
 
+def _tracing() -> TracerProvider | None:
+    """PRODUCER spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT (or the like) is set."""
+    if not otlp.exporter_wanted("traces"):
+        return None
+    service = os.environ.get("OTEL_SERVICE_NAME", "wspublish")
+    return otlp.tracer_provider(Resource.create({"service.name": service}))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     defaults = PublisherSettings()
     parser = argparse.ArgumentParser(
@@ -67,8 +79,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_channel(args.channel)
     except EnvelopeError as exc:
         _fail(2, str(exc))
+    tracing = _tracing()
     published = receivers = 0
-    with Publisher(args.redis_url, prefix=args.prefix) as publisher:
+    with Publisher(args.redis_url, prefix=args.prefix, tracer_provider=tracing) as publisher:
         try:
             for value in _values(args):
                 receivers = publisher.publish(args.channel, value)
@@ -77,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             _fail(2, f"message {published + 1}: {exc}")
         except (RedisError, OSError) as exc:
             _fail(1, f"cannot publish through Redis: {exc}")
+    if tracing is not None:
+        tracing.shutdown()  # flush the PRODUCER spans before exiting
     if not args.quiet:
         print(f"published {published} message(s); last one reached {receivers} gateway(s)")
 

@@ -23,6 +23,7 @@ from websockets.exceptions import InvalidStatus
 
 from gateway.logs import JsonFormatter
 from publisher import AsyncPublisher
+from tests.collector import GrpcCollector, HttpCollector
 from tests.harness import (
     GatewayFactory,
     RawClient,
@@ -33,6 +34,7 @@ from tests.harness import (
     envelope,
     recv_json,
     request,
+    wspublish,
 )
 
 
@@ -278,3 +280,51 @@ def test_text_logs_for_people(gateway_factory: GatewayFactory) -> None:
     first = gateway.logs().splitlines()[0]
     assert " INFO gateway: " in first and not first.startswith("{")
     time.sleep(0)
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+async def test_otlp_export_of_traces_and_metrics(
+    redis_server: RedisServer, gateway_factory: GatewayFactory, protocol: str
+) -> None:
+    collector = HttpCollector() if protocol == "http/protobuf" else GrpcCollector()
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    try:
+        gateway = gateway_factory({"GATEWAY_REDIS_URL": redis_server.url, **otel})
+        async with client(gateway.ws_url + "?channels=news") as ws:
+            await recv_json(ws)
+            result = wspublish("--redis-url", redis_server.url, "news", '{"n": 1}', env=otel)
+            assert result.returncode == 0, result.stderr
+            assert (await recv_json(ws))["data"] == {"n": 1}
+        await async_wait_until(
+            lambda: {"send news", "process news", "close"} <= collector.span_names(), timeout=15
+        )
+        await async_wait_until(
+            lambda: (
+                {"wsgateway.deliveries", "wsgateway.delivery.latency"} <= collector.metric_names
+            ),
+            timeout=15,
+        )
+        with collector.lock:
+            spans = {span.name: span for span in collector.spans}
+        # The gateway's CONSUMER span links to wspublish's PRODUCER span, across processes.
+        [link] = spans["process news"].links
+        assert (link.trace_id, link.span_id) == (
+            spans["send news"].trace_id,
+            spans["send news"].span_id,
+        )
+    finally:
+        collector.stop()
+
+
+async def test_keepalive_round_trips_are_recorded(redis_server: RedisServer) -> None:
+    o = Observed(redis_server, ping_interval=0.2, ping_timeout=2)
+    try:
+        async with client(o.replica.ws_url):
+            await async_wait_until(lambda: o.metric("wsgateway.keepalive.rtt") >= 2)
+    finally:
+        o.replica.stop()
