@@ -45,6 +45,25 @@ QUEUE_DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 _propagator = TraceContextTextMapPropagator()
 
+#: An observable instrument's callback.
+Reading = Callable[[CallbackOptions], Iterable[Observation]]
+
+
+def one(value: Callable[[], float]) -> Reading:
+    """One unlabelled value."""
+    return lambda options: [Observation(value())]
+
+
+def by(counts: Callable[[], dict[Any, int]], *names: str) -> Reading:
+    """One value per key of a Counter; the key's parts become the attributes ``names``."""
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        for key, value in list(counts().items()):
+            parts = key if isinstance(key, tuple) else (key,)
+            yield Observation(value, dict(zip(names, parts, strict=True)))
+
+    return observe
+
 
 class Telemetry:
     """The replica's meter, tracer and Prometheus registry.
@@ -120,112 +139,46 @@ class Telemetry:
         """Register the observable instruments that read ``replica``'s counters."""
         stats = replica.stats
         backplane = replica.hub.backplane
-        meter = self.meter
-
-        def one(value: Callable[[], float]) -> Callable[[CallbackOptions], Iterable[Observation]]:
-            return lambda options: [Observation(value())]
-
-        def by(
-            counter: Callable[[], dict[Any, int]], names: tuple[str, ...]
-        ) -> Callable[[CallbackOptions], Iterable[Observation]]:
-            def observe(options: CallbackOptions) -> Iterable[Observation]:
-                for key, value in list(counter().items()):
-                    values = key if isinstance(key, tuple) else (key,)
-                    yield Observation(value, dict(zip(names, values, strict=True)))
-
-            return observe
-
-        meter.create_observable_up_down_counter(
-            "wsgateway.connections.open",
-            [one(lambda: stats.connections_open)],
-            unit="{connection}",
-            description="open client connections",
-        )
-        meter.create_observable_counter(
-            "wsgateway.connections.opened",
-            [one(lambda: stats.connections_opened)],
-            unit="{connection}",
-            description="client connections accepted",
-        )
-        meter.create_observable_counter(
-            "wsgateway.connections.closed",
-            [by(lambda: stats.closes, ("websocket.close.code", "reason"))],
-            unit="{connection}",
-            description="client connections closed, by close code and reason (client, "
-            "slow_consumer, drain, rate_limit, auth, protocol, limit, error)",
-        )
-        meter.create_observable_counter(
-            "wsgateway.handshakes.refused",
-            [by(lambda: stats.refused, ("reason",))],
-            unit="{handshake}",
-            description="handshakes refused, by reason",
-        )
-        meter.create_observable_counter(
-            "wsgateway.messages.received",
-            [one(lambda: stats.messages_received)],
-            unit="{message}",
-            description="messages received from the backplane",
-        )
-        meter.create_observable_counter(
-            "wsgateway.messages.malformed",
-            [by(lambda: stats.malformed, ("reason",))],
-            unit="{message}",
-            description="malformed envelopes dropped, by reason",
-        )
-        meter.create_observable_counter(
-            "wsgateway.deliveries",
-            [one(lambda: stats.fanout)],
-            unit="{delivery}",
-            description="messages handed to clients (written or queued)",
-        )
-        meter.create_observable_counter(
-            "wsgateway.deliveries.dropped",
-            [by(lambda: stats.drops, ("policy", "reason"))],
-            unit="{delivery}",
-            description="deliveries dropped, by policy and reason",
-        )
-        meter.create_observable_gauge(
-            "wsgateway.queue.deepest",
-            [one(lambda: max((s.queued for s in list(replica.sessions)), default=0))],
-            unit="{message}",
-            description="the deepest client queue on the replica",
-        )
-        meter.create_observable_gauge(
-            "wsgateway.queue.bytes",
-            [
-                one(
-                    lambda: sum(
-                        s.outbox.bytes for s in list(replica.sessions) if s.outbox is not None
-                    )
-                )
-            ],
-            unit="By",
-            description="bytes queued for all clients of the replica",
-        )
-        meter.create_observable_gauge(
-            "wsgateway.backplane.connected",
-            [one(lambda: int(backplane.connected))],
-            unit="1",
-            description="1 while the backplane is connected",
-        )
-        meter.create_observable_counter(
-            "wsgateway.backplane.reconnects",
-            [one(lambda: backplane.reconnects)],
-            unit="{reconnect}",
-            description="backplane connections re-established after a loss",
-        )
-        meter.create_observable_up_down_counter(
-            "wsgateway.backplane.channels",
-            [one(lambda: backplane.subscribed_channels)],
-            unit="{channel}",
-            description="channels the backplane is subscribed to",
-        )
-        meter.create_observable_counter(
-            "wsgateway.backplane.outage",
-            [one(lambda: backplane.outage_seconds)],
-            unit="s",
-            description="total time the backplane was disconnected",
-        )
+        sessions = replica.sessions
+        counter = self.meter.create_observable_counter
+        up_down = self.meter.create_observable_up_down_counter
+        gauge = self.meter.create_observable_gauge
+        instruments: list[tuple[Callable[..., Any], str, Reading, str, str]] = [
+            (up_down, "connections.open", one(lambda: stats.connections_open), "{connection}",
+             "open client connections"),
+            (counter, "connections.opened", one(lambda: stats.connections_opened),
+             "{connection}", "client connections accepted"),
+            (counter, "connections.closed",
+             by(lambda: stats.closes, "websocket.close.code", "reason"), "{connection}",
+             "client connections closed, by close code and reason (client, slow_consumer, "
+             "drain, rate_limit, auth, protocol, limit, error)"),
+            (counter, "handshakes.refused", by(lambda: stats.refused, "reason"), "{handshake}",
+             "handshakes refused, by reason"),
+            (counter, "messages.received", one(lambda: stats.messages_received), "{message}",
+             "messages received from the backplane"),
+            (counter, "messages.malformed", by(lambda: stats.malformed, "reason"), "{message}",
+             "malformed envelopes dropped, by reason"),
+            (counter, "deliveries", one(lambda: stats.fanout), "{delivery}",
+             "messages handed to clients (written or queued)"),
+            (counter, "deliveries.dropped", by(lambda: stats.drops, "policy", "reason"),
+             "{delivery}", "deliveries dropped, by policy and reason"),
+            (gauge, "queue.deepest", one(lambda: max((s.queued for s in list(sessions)),
+                                                     default=0)),
+             "{message}", "the deepest client queue on the replica"),
+            (gauge, "queue.bytes", one(lambda: sum(s.outbox.bytes for s in list(sessions)
+                                                   if s.outbox is not None)),
+             "By", "bytes queued for all clients of the replica"),
+            (gauge, "backplane.connected", one(lambda: int(backplane.connected)), "1",
+             "1 while the backplane is connected"),
+            (counter, "backplane.reconnects", one(lambda: backplane.reconnects), "{reconnect}",
+             "backplane connections re-established after a loss"),
+            (up_down, "backplane.channels", one(lambda: backplane.subscribed_channels),
+             "{channel}", "channels the backplane is subscribed to"),
+            (counter, "backplane.outage", one(lambda: backplane.outage_seconds), "s",
+             "total time the backplane was disconnected"),
+        ]  # fmt: skip
+        for create, name, reading, unit, description in instruments:
+            create("wsgateway." + name, [reading], unit=unit, description=description)
 
     def consume(self, envelope: Envelope) -> Any:
         """A CONSUMER span ``process <channel>`` linked to the publisher's span, if any."""
