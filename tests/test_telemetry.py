@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
 from gateway.logs import JsonFormatter
+from gateway.telemetry import Telemetry
 from publisher import AsyncPublisher
 from tests.collector import GrpcCollector, HttpCollector
 from tests.harness import (
@@ -328,3 +329,32 @@ async def test_keepalive_round_trips_are_recorded(redis_server: RedisServer) -> 
             await async_wait_until(lambda: o.metric("wsgateway.keepalive.rtt") >= 2)
     finally:
         o.replica.stop()
+
+
+@pytest.mark.parametrize(("sampler", "recording"), [("always_off", False), ("always_on", True)])
+def test_sampling_follows_the_standard_variables(
+    monkeypatch: pytest.MonkeyPatch, sampler: str, recording: bool
+) -> None:
+    collector = HttpCollector()  # an endpoint that answers, so shutdown's flush is quick
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    telemetry = Telemetry(prometheus=False)
+    try:
+        assert telemetry.tracer is not None
+        with telemetry.tracer.start_as_current_span("x") as span:
+            assert span.is_recording() is recording
+    finally:
+        telemetry.shutdown()
+        collector.stop()
+
+
+def test_no_exporter_means_no_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_TRACES_EXPORTER",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert Telemetry(prometheus=False).tracer is None
