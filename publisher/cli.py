@@ -6,14 +6,11 @@ Exit codes: 0 published, 1 Redis unreachable, 2 bad input. Errors are one line o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import msgspec
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
 from redis.exceptions import RedisError
 
 from publisher import otlp
@@ -45,14 +42,6 @@ def _values(args: argparse.Namespace) -> Iterator[Any]:
         yield _parse_json(args.json, "JSON")
 
 
-def _tracing() -> TracerProvider | None:
-    """PRODUCER spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT (or the like) is set."""
-    if not otlp.exporter_wanted("traces"):
-        return None
-    service = os.environ.get("OTEL_SERVICE_NAME", "wspublish")
-    return otlp.tracer_provider(Resource.create({"service.name": service}))
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     defaults = PublisherSettings()
     parser = argparse.ArgumentParser(
@@ -79,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_channel(args.channel)
     except EnvelopeError as exc:
         _fail(2, str(exc))
-    tracing = _tracing()
+    tracing = otlp.tracing_from_env("wspublish")
     published = receivers = 0
     with Publisher(args.redis_url, prefix=args.prefix, tracer_provider=tracing) as publisher:
         try:

@@ -14,7 +14,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-__all__ = ["exporter_wanted", "metric_reader", "tracer_provider"]
+__all__ = ["exporter_wanted", "metric_reader", "tracer_provider", "tracing_from_env"]
 
 
 def exporter_wanted(signal: str) -> bool:
@@ -54,3 +54,11 @@ def tracer_provider(resource: Resource) -> TracerProvider:
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
+
+
+def tracing_from_env(service: str) -> TracerProvider | None:
+    """An OTLP tracer provider for a publishing program, or None when none is configured."""
+    if not exporter_wanted("traces"):
+        return None
+    name = os.environ.get("OTEL_SERVICE_NAME", service)
+    return tracer_provider(Resource.create({"service.name": name}))
