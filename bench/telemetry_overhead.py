@@ -65,6 +65,7 @@ async def run(kind: str, clients: int, messages: int) -> dict[str, Any]:
             await asyncio.sleep(0.002)
     await asyncio.gather(*readers)
     data = reader.get_metrics_data()
+    assert data is not None
     point = next(
         p
         for r in data.resource_metrics

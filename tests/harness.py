@@ -97,7 +97,7 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            return self.command("PING") == "PONG"
+            return bool(self.command("PING") == "PONG")
         except OSError:
             return False
 

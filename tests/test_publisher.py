@@ -39,7 +39,7 @@ def test_publisher_uses_the_prefix(redis_server: RedisServer) -> None:
         publisher.publish("news", 1)
     # Nothing subscribes yet; then read the Redis channel name back from a subscriber.
     r = redis.Redis.from_url(redis_server.url)
-    pubsub = r.pubsub()
+    pubsub = r.pubsub()  # type: ignore[no-untyped-call]
     pubsub.subscribe("app1:news")
     pubsub.get_message(timeout=1)
     with Publisher(redis_server.url, prefix="app1:") as publisher:

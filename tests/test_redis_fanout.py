@@ -6,6 +6,7 @@ import asyncio
 import json
 
 from tests.harness import (
+    GatewayFactory,
     GatewayProcess,
     RedisServer,
     async_wait_until,
@@ -157,7 +158,7 @@ async def test_messages_arrive_in_publish_order(
 
 
 async def test_readiness_follows_the_backplane(
-    gateway_factory,  # type: ignore[no-untyped-def]
+    gateway_factory: GatewayFactory,
     redis_server: RedisServer,
 ) -> None:
     gateway = gateway_factory({"GATEWAY_REDIS_URL": redis_server.url})

@@ -80,7 +80,7 @@ def hs_gateway(gateway_factory: GatewayFactory) -> GatewayProcess:
         (tampered(token()), "invalid token"),  # claims changed, signature kept
         (token(channels={"not": "a list"}), "invalid token"),
         (
-            jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none"),
+            jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600}, "", algorithm="none"),
             "invalid token",
         ),
     ],
