@@ -173,3 +173,23 @@ async def test_readiness_follows_the_backplane(
     redis_server.start()
     await async_wait_until(lambda: gateway.http("/readyz")[0] == 200, timeout=20)
     await asyncio.sleep(0)
+
+
+async def test_compression_when_turned_on(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    gateway = gateway_factory(
+        {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_COMPRESSION": "deflate"}
+    )
+    async with (
+        client(gateway.ws_url + "?channels=news", compression="deflate") as deflating,
+        client(gateway.ws_url + "?channels=news", compression=None) as plain,
+    ):
+        for ws in (deflating, plain):
+            await recv_json(ws)
+        assert deflating.protocol.extensions  # negotiated
+        assert not plain.protocol.extensions
+        for n in range(50):
+            redis_server.publish("ws:news", envelope("news", {"n": n, "text": "abc" * 100}))
+        for ws in (deflating, plain):
+            assert [(await recv_json(ws))["data"]["n"] for _ in range(50)] == list(range(50))
