@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,31 @@ def test_idle_memory_bench_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "50 idle connections:" in result.stdout and "KiB each" in result.stdout
+
+
+def test_fanout_bench_runs_both_designs(tmp_path: Path) -> None:
+    out = tmp_path / "fanout.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.fanout",
+            "--subscribers",
+            "20",
+            "--rates",
+            "10",
+            "--seconds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["design"] for r in rows] == ["gateway", "guide"]
+    for row in rows:
+        assert row["delivered_share"] == 1.0, row  # 10 messages to 20 subscribers, all there
+        assert row["cpu_us_per_delivery"] > 0

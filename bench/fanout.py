@@ -1,0 +1,257 @@
+"""Fan-out benchmark, this gateway against the guide's design in the same run.
+
+``python -m bench.fanout [--subscribers 1000] [--rates 20,200] [--seconds 10]``
+
+For each design and publish rate: a fresh server process pinned to CPU 0, load-client
+processes (``bench.loadclient``) pinned to CPU 1 holding the subscribers, and a publisher in
+this process sending ``{"sent": <time>, "pad": ...}`` (128-byte payloads) on one Redis channel
+at a fixed rate. Reported per run: deliveries per second, server CPU microseconds per delivery
+(user + system time of the server process over the publishing window), delivery latency
+p50/p99/max (from a sample of connections), server RSS per idle connection, and the share of
+messages delivered. Results go to ``bench/results/fanout.json`` and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.harness import RedisServer, free_port
+
+SERVER_CPU = 0
+CLIENT_CPU = 1 if (os.cpu_count() or 1) > 1 else 0
+PER_CLIENT_PROCESS = 5000  # well under the 20 000 files one process may open
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+
+
+def start_server(design: str, redis_url: str, port: int) -> subprocess.Popen[bytes]:
+    if design == "gateway":
+        env = {
+            **os.environ,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_LOG_LEVEL": "warning",
+            "GATEWAY_MAX_CONNECTIONS": "100000",
+            "GATEWAY_RATE_LIMIT": "1000",
+        }
+        server = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
+        os.sched_setaffinity(server.pid, {SERVER_CPU})
+        for _ in range(200):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        return server
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.guide_server",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_url,
+            "--channel",
+            "bench",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    os.sched_setaffinity(server.pid, {SERVER_CPU})
+    assert server.stdout is not None
+    server.stdout.readline()
+    return server
+
+
+def start_clients(url: str, subscribers: int, stalled: int) -> list[subprocess.Popen[str]]:
+    clients = []
+    remaining, index = subscribers, 0
+    while remaining > 0:
+        count = min(PER_CLIENT_PROCESS, remaining)
+        args = [
+            sys.executable,
+            "-m",
+            "bench.loadclient",
+            "--url",
+            url,
+            "--connections",
+            str(count),
+            "--stalled",
+            str(stalled if index == 0 else 0),
+            "--source",
+            f"127.0.0.{index + 1}",
+        ]
+        client = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        os.sched_setaffinity(client.pid, {CLIENT_CPU})
+        clients.append(client)
+        remaining -= count
+        index += 1
+    for client in clients:
+        assert client.stdout is not None
+        line = json.loads(client.stdout.readline())
+        assert line["event"] == "connected", line
+    return clients
+
+
+def stop_clients(clients: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    results = []
+    for client in clients:
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.close()
+        results.append(json.loads(client.stdout.readline()))
+        client.wait(30)
+    return results
+
+
+def run(
+    design: str,
+    redis_server: RedisServer,
+    subscribers: int,
+    rate: float,
+    seconds: float,
+    stalled: int,
+) -> dict[str, Any]:
+    port = free_port()
+    server = start_server(design, redis_server.url, port)
+    try:
+        time.sleep(0.5)
+        idle_before = rss_kib(server.pid)
+        url = f"ws://127.0.0.1:{port}/ws?channels=bench"
+        clients = start_clients(url, subscribers, stalled)
+        time.sleep(1.0)
+        idle_after = rss_kib(server.pid)
+        publisher = redis.Redis.from_url(redis_server.url)
+        for _ in range(100):
+            if publisher.pubsub_numsub("ws:bench")[0][1] >= 1:
+                break
+            time.sleep(0.05)
+        pad = "x" * 90  # with "sent", a 128-byte JSON payload
+        messages = int(rate * seconds)
+        cpu_start = cpu_seconds(server.pid)
+        started = time.monotonic()
+        for n in range(messages):
+            target = started + n / rate
+            delay = target - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            envelope = {
+                "v": 1,
+                "channel": "bench",
+                "data": {"sent": time.time(), "pad": pad},
+                "mid": f"m{n}",
+                "ts": int(time.time() * 1000),
+            }
+            publisher.publish("ws:bench", json.dumps(envelope, separators=(",", ":")))
+        elapsed = time.monotonic() - started
+        time.sleep(2.0)  # let queued deliveries drain
+        cpu = cpu_seconds(server.pid) - cpu_start
+        results = stop_clients(clients)
+        publisher.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            # The guide's shutdown awaits close() on clients that may never drain.
+            server.kill()
+            server.wait(5)
+    deliveries = sum(r["frames"] for r in results)
+    latency = sorted(x for r in results for x in r["latency"])
+    healthy = subscribers - stalled
+    return {
+        "design": design,
+        "subscribers": subscribers,
+        "stalled": stalled,
+        "rate": rate,
+        "messages": messages,
+        "deliveries": deliveries,
+        "deliveries_per_second": deliveries / elapsed,
+        "cpu_us_per_delivery": cpu * 1e6 / deliveries if deliveries else None,
+        "server_cpu_share": cpu / (elapsed + 2.0),
+        "latency_p50_ms": statistics.median(latency) * 1e3 if latency else None,
+        "latency_p99_ms": latency[int(len(latency) * 0.99)] * 1e3 if latency else None,
+        "latency_max_ms": latency[-1] * 1e3 if latency else None,
+        "rss_kib_per_idle_connection": (idle_after - idle_before) / subscribers,
+        "delivered_share": deliveries / (messages * healthy) if messages else None,
+    }
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| design | subscribers | stalled | msg/s | deliveries/s | CPU µs/delivery | "
+        "p50 ms | p99 ms | max ms | KiB/idle conn | delivered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['design']} | {r['subscribers']} | {r['stalled']} | {r['rate']:g} | "
+            f"{r['deliveries_per_second']:.0f} | {_cell(r['cpu_us_per_delivery'], 2)} | "
+            f"{_cell(r['latency_p50_ms'])} | {_cell(r['latency_p99_ms'])} | "
+            f"{_cell(r['latency_max_ms'])} | {_cell(r['rss_kib_per_idle_connection'])} | "
+            f"{_cell(r['delivered_share'], 4)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--rates", default="20,200")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--stalled-percent", type=float, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/fanout.json"))
+    args = parser.parse_args()
+    stalled = int(args.subscribers * args.stalled_percent / 100)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        redis_server = RedisServer(Path(workdir) / "redis")
+        redis_server.start()
+        try:
+            for rate in (float(r) for r in args.rates.split(",")):
+                for design in ("gateway", "guide"):  # side by side, same conditions
+                    rows.append(
+                        run(design, redis_server, args.subscribers, rate, args.seconds, stalled)
+                    )
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
+        finally:
+            redis_server.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "rows": rows},
+            indent=2,
+        )
+        + "\n"
+    )
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

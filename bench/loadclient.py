@@ -1,0 +1,151 @@
+"""A load client: many WebSocket connections in one process, as light as a client can be.
+
+``python -m bench.loadclient --url ws://host:port/ws?channels=bench --connections N``
+opens N connections (handshake by hand, then frames are only counted: server frames are
+unmasked, so finding their boundaries is all the work), and on a sample of them decodes each
+message to take ``now - data.sent`` as the delivery latency. ``--stalled K`` makes K of the
+connections stop reading after the handshake. It prints one JSON line with its counts and
+latency samples when it gets SIGTERM (or stdin closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+LATENCY_EVERY = 20  # one connection in 20 decodes its messages for latency samples
+
+
+class Counter(asyncio.Protocol):
+    """One connection: counts whole frames; optionally decodes them for latency."""
+
+    def __init__(self, sample: bool, stalled: bool, results: dict[str, Any]) -> None:
+        self.sample = sample
+        self.stalled = stalled
+        self.results = results
+        self.buffer = b""
+        self.upgraded = False
+        self.ready = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        if not self.upgraded:
+            head, sep, buffer = buffer.partition(b"\r\n\r\n")
+            if not sep:
+                self.buffer = head
+                return
+            self.upgraded = True
+            if not self.ready.done():
+                self.ready.set_result(head.startswith(b"HTTP/1.1 101"))
+            if self.stalled and self.transport is not None:
+                self.transport.pause_reading()  # the application stops reading
+        frames = 0
+        offset = 0
+        size = len(buffer)
+        now = time.time()
+        while size - offset >= 2:
+            length = buffer[offset + 1] & 0x7F
+            header = 2
+            if length == 126:
+                if size - offset < 4:
+                    break
+                length = int.from_bytes(buffer[offset + 2 : offset + 4], "big")
+                header = 4
+            elif length == 127:
+                if size - offset < 10:
+                    break
+                length = int.from_bytes(buffer[offset + 2 : offset + 10], "big")
+                header = 10
+            end = offset + header + length
+            if end > size:
+                break
+            if buffer[offset] == 0x81 and buffer[offset + header : offset + header + 15] == (
+                b'{"op":"message"'
+            ):
+                frames += 1
+                if self.sample:
+                    message = json.loads(buffer[offset + header : end])
+                    if message.get("op") == "message":
+                        sent = message["data"].get("sent")
+                        if sent is not None:
+                            self.results["latency"].append(now - sent)
+            offset = end
+        self.buffer = buffer[offset:]
+        if not self.stalled:
+            self.results["frames"] += frames
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.results["closed"] += 1
+        if not self.ready.done():
+            self.ready.set_result(False)
+
+
+async def run(url: str, connections: int, stalled: int, source: str | None) -> None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    path = parts.path + ("?" + parts.query if parts.query else "")
+    results: dict[str, Any] = {"frames": 0, "closed": 0, "latency": [], "connected": 0}
+    loop = asyncio.get_running_loop()
+    protocols: list[Counter] = []
+    for index in range(connections):
+        protocol = Counter(
+            index % LATENCY_EVERY == 0 and index >= stalled, index < stalled, results
+        )
+        sock = socket.socket()
+        if index < stalled:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if source is not None:
+            sock.bind((source, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        await loop.create_connection(lambda p=protocol: p, sock=sock)  # type: ignore[misc]
+        key = base64.b64encode(os.urandom(16)).decode()
+        assert protocol.transport is not None
+        protocol.transport.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        protocols.append(protocol)
+        if index % 200 == 199:
+            await asyncio.gather(*(p.ready for p in protocols[-200:]))
+    accepted = await asyncio.gather(*(p.ready for p in protocols))
+    results["connected"] = sum(accepted)
+    print(json.dumps({"event": "connected", "connected": results["connected"]}), flush=True)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_reader(sys.stdin.fileno(), stop.set)  # the driver closes stdin to stop us
+    await stop.wait()
+    print(json.dumps({"event": "done", **results}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--connections", type=int, required=True)
+    parser.add_argument("--stalled", type=int, default=0)
+    parser.add_argument("--source", default=None, help="local address to connect from")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.run(run(args.url, args.connections, args.stalled, args.source))
+    except ImportError:  # pragma: no cover
+        asyncio.run(run(args.url, args.connections, args.stalled, args.source))
+
+
+if __name__ == "__main__":
+    main()
