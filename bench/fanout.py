@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from tests.harness import RedisServer, free_port
+from tests.harness import RedisServer, free_port, rss_kib, wait_until
 
 SERVER_CPU = 0
 CLIENT_CPU = 1 if (os.cpu_count() or 1) > 1 else 0
@@ -40,31 +40,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
-def rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+def start_server(
+    design: str, port: int, redis_url: str | None = None, **settings: str
+) -> subprocess.Popen[bytes]:
+    """A real server process pinned to the server CPU, returned once it accepts clients.
 
-
-def start_server(design: str, redis_url: str, port: int) -> subprocess.Popen[bytes]:
+    ``gateway`` runs ``python -m gateway`` (on Redis when ``redis_url`` is given, else the
+    memory backplane; ``settings`` are extra GATEWAY_* variables); ``guide`` runs the guide's
+    design on the Redis channel ``bench``.
+    """
     if design == "gateway":
         env = {
             **os.environ,
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": str(port),
-            "GATEWAY_REDIS_URL": redis_url,
             "GATEWAY_LOG_LEVEL": "warning",
             "GATEWAY_MAX_CONNECTIONS": "100000",
             "GATEWAY_RATE_LIMIT": "1000",
+            **({"GATEWAY_REDIS_URL": redis_url} if redis_url else {}),
+            **settings,
         }
         server = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
         os.sched_setaffinity(server.pid, {SERVER_CPU})
-        for _ in range(200):
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status:
-                    break
-            except OSError:
-                time.sleep(0.05)
+        wait_until(lambda: _ready(port), timeout=30)
         return server
+    assert redis_url is not None, "the guide's server reads Redis"
     server = subprocess.Popen(
         [
             sys.executable,
@@ -81,8 +81,16 @@ def start_server(design: str, redis_url: str, port: int) -> subprocess.Popen[byt
     )
     os.sched_setaffinity(server.pid, {SERVER_CPU})
     assert server.stdout is not None
-    server.stdout.readline()
+    assert b"guide server" in server.stdout.readline()
     return server
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def start_clients(url: str, subscribers: int, stalled: int) -> list[subprocess.Popen[str]]:
@@ -134,7 +142,7 @@ def run(
     stalled: int,
 ) -> dict[str, Any]:
     port = free_port()
-    server = start_server(design, redis_server.url, port)
+    server = start_server(design, port, redis_server.url)
     try:
         time.sleep(0.5)
         idle_before = rss_kib(server.pid)

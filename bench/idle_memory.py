@@ -8,50 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import websockets
 
-
-def rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_gateway(port: int, connections: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_PORT": str(port),
-        "GATEWAY_LOG_LEVEL": "warning",
-        "GATEWAY_MAX_CONNECTIONS": str(connections + 10),
-    }
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    return gateway
+from bench.fanout import start_server
+from tests.harness import free_port, rss_kib
 
 
 async def measure(connections: int) -> None:
     port = free_port()
-    gateway = await asyncio.to_thread(start_gateway, port, connections)
+    gateway = await asyncio.to_thread(start_server, "gateway", port)
     try:
         await asyncio.sleep(0.5)
         before = rss_kib(gateway.pid)

@@ -39,6 +39,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+
+
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while True:

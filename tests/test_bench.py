@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.fanout import start_server
 from tests.harness import (
     GatewayFactory,
     RedisServer,
@@ -25,23 +26,8 @@ from tests.harness import (
 def guide_port(redis_server: RedisServer) -> Iterator[int]:
     """The guide's server, a real process, reading the "bench" channel of the test Redis."""
     port = free_port()
-    guide = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.guide_server",
-            "--port",
-            str(port),
-            "--redis-url",
-            redis_server.url,
-            "--channel",
-            "bench",
-        ],
-        stdout=subprocess.PIPE,
-    )
+    guide = start_server("guide", port, redis_server.url)
     try:
-        assert guide.stdout is not None
-        assert b"guide server" in guide.stdout.readline()
         wait_until(lambda: "ws:bench" in redis_server.pubsub_channels())
         yield port
     finally:
