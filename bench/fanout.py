@@ -35,9 +35,19 @@ PER_CLIENT_PROCESS = 5000  # well under the 20 000 files one process may open
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds a process has used."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+#: The designs measured: this gateway as configured by default, this gateway writing every
+#: delivery on its own (its coalescing off), and the guide's design.
+DESIGNS: dict[str, dict[str, str]] = {
+    "gateway": {},
+    "gateway-1write": {"GATEWAY_COALESCE": "false"},
+    "guide": {},
+}
 
 
 def start_server(
@@ -46,10 +56,11 @@ def start_server(
     """A real server process pinned to the server CPU, returned once it accepts clients.
 
     ``gateway`` runs ``python -m gateway`` (on Redis when ``redis_url`` is given, else the
-    memory backplane; ``settings`` are extra GATEWAY_* variables); ``guide`` runs the guide's
-    design on the Redis channel ``bench``.
+    memory backplane; ``settings`` are extra GATEWAY_* variables on top of the design's own);
+    ``guide`` runs the guide's design on the Redis channel ``bench``.
     """
-    if design == "gateway":
+    if design != "guide":
+        settings = {**DESIGNS[design], **settings}
         env = {
             **os.environ,
             "GATEWAY_HOST": "127.0.0.1",
@@ -174,7 +185,8 @@ def run(
             publisher.publish("ws:bench", json.dumps(envelope, separators=(",", ":")))
         elapsed = time.monotonic() - started
         time.sleep(2.0)  # let queued deliveries drain
-        cpu = cpu_seconds(server.pid) - cpu_start
+        user, system = (b - a for a, b in zip(cpu_start, cpu_seconds(server.pid), strict=True))
+        cpu = user + system
         results = stop_clients(clients)
         publisher.close()
     finally:
@@ -197,6 +209,7 @@ def run(
         "deliveries": deliveries,
         "deliveries_per_second": deliveries / elapsed,
         "cpu_us_per_delivery": cpu * 1e6 / deliveries if deliveries else None,
+        "cpu_system_share": system / cpu if cpu else None,
         "server_cpu_share": cpu / (elapsed + 2.0),
         "latency_p50_ms": statistics.median(latency) * 1e3 if latency else None,
         "latency_p99_ms": latency[int(len(latency) * 0.99)] * 1e3 if latency else None,
@@ -233,6 +246,7 @@ def main() -> None:
     parser.add_argument("--rates", default="20,200")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--stalled-percent", type=float, default=0)
+    parser.add_argument("--designs", default=",".join(DESIGNS))
     parser.add_argument("--out", type=Path, default=Path("bench/results/fanout.json"))
     args = parser.parse_args()
     stalled = int(args.subscribers * args.stalled_percent / 100)
@@ -242,7 +256,7 @@ def main() -> None:
         redis_server.start()
         try:
             for rate in (float(r) for r in args.rates.split(",")):
-                for design in ("gateway", "guide"):  # side by side, same conditions
+                for design in args.designs.split(","):  # side by side, same conditions
                     rows.append(
                         run(design, redis_server, args.subscribers, rate, args.seconds, stalled)
                     )

@@ -74,7 +74,14 @@ class Gateway:
         )
         self.stats.record_queue_depth = self.telemetry.queue_depth.record
         self.stats.record_latency = self.telemetry.delivery_latency.record
-        self.hub = Hub(functools.partial(create_backplane, settings), self.stats, self.telemetry)
+        self.hub = Hub(
+            functools.partial(create_backplane, settings),
+            self.stats,
+            self.telemetry,
+            coalesce=settings.coalesce,
+            window=settings.coalesce_window,
+            max_batch_bytes=settings.write_limit,
+        )
         self.auth = _authenticator(settings)
         self.limits = Limits(
             max_messages=settings.queue_max_messages,

@@ -24,12 +24,12 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
-from websockets.protocol import State
+from websockets.protocol import OPEN, State
 
 from gateway.access import Access
 from gateway.outbox import Outbox
@@ -95,12 +95,27 @@ class SessionConnection(ServerConnection):
         if not self.paused and not self.recv_messages.paused:
             self.transport.resume_reading()
 
+    def send_data(self) -> None:
+        # Every change of the protocol's state is followed by a call to send_data: once the
+        # connection is no longer OPEN, data frames may no longer be written straight through.
+        super().send_data()
+        session = self.session
+        if session is not None and session.direct is not None and self.protocol.state is not OPEN:
+            session.direct = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None:
+            self.session.direct = None
+        super().connection_lost(exc)
+
     def pause_writing(self) -> None:
         super().pause_writing()
         self.transport.pause_reading()
         session = self.session
-        if session is not None and self.on_congested is not None:
-            self.on_congested(session)
+        if session is not None:
+            session.direct = None
+            if self.on_congested is not None:
+                self.on_congested(session)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -121,6 +136,7 @@ class Session:
         "close_reason",
         "congested_at",
         "connection",
+        "direct",
         "limits",
         "outbox",
         "stats",
@@ -146,6 +162,11 @@ class Session:
         self.close_code: int | None = None
         self.close_reason = ""
         self.congested_at: float | None = None  # loop time the transport last filled up
+        #: The transport's write while frames may go straight to it (uncompressed, OPEN, not
+        #: congested, nothing queued, not closing), else None: the hub's fan-out loop calls it
+        #: directly, the cheapest delivery there is.
+        self.direct: Callable[[bytes], object] | None = None
+        self._update_direct()
         self._abort_handle: asyncio.TimerHandle | None = None
         self._expiry_handle: asyncio.TimerHandle | None = None
         if identity.expires_at is not None:  # unix time: the token's exp
@@ -165,36 +186,54 @@ class Session:
     def queued(self) -> int:
         return len(self.outbox) if self.outbox is not None else 0
 
+    def _update_direct(self) -> None:
+        connection = self.connection
+        ok = self._raw and not connection.paused and not self.outbox and self.close_code is None
+        self.direct = (
+            connection.transport.write if ok and connection.protocol.state is OPEN else None
+        )
+
     def send(self, item: Outbound) -> None:
         """Hand ``item`` to the client or its outbox; never blocks, never raises."""
+        self.deliver((item,), item.frame)
+
+    def deliver(self, items: Sequence[Outbound], frame: bytes) -> None:
+        """Hand ``items`` to the client in one write, or to its outbox when congested.
+
+        ``frame`` is the items' frames joined, built once by the caller for every recipient.
+        """
         if self.close_code is not None:
             return
         connection = self.connection
         outbox = self.outbox
         if not connection.paused and not outbox:
             if connection.protocol.state is State.OPEN:
-                self._write((item,))
+                self._write(items, frame)
             return
         if outbox is None:
             limits = self.limits
             outbox = self.outbox = Outbox(limits.max_messages, limits.max_bytes, limits.policy)
-        before = outbox.dropped
-        self.stats.record_queue_depth(len(outbox))
-        if not outbox.push(item):
-            self.stats.slow_consumers += 1
-            if _eviction_log.ready():
-                log.warning(
-                    "closing slow consumer %s (1013): queue full at %d messages, %d bytes; "
-                    "%d more since the last line",
-                    connection.id,
-                    len(outbox),
-                    outbox.bytes,
-                    _eviction_log.take_suppressed(),
-                )
-            self.close(Close.SLOW_CONSUMER, "slow consumer")
-            return
-        if outbox.dropped != before:
-            self.stats.drops[(outbox.policy, "queue_full")] += outbox.dropped - before
+        for item in items:
+            before = outbox.dropped
+            self.stats.record_queue_depth(len(outbox))
+            if not outbox.push(item):
+                self._evict_slow_consumer(outbox)
+                return
+            if outbox.dropped != before:
+                self.stats.drops[(outbox.policy, "queue_full")] += outbox.dropped - before
+
+    def _evict_slow_consumer(self, outbox: Outbox) -> None:
+        self.stats.slow_consumers += 1
+        if _eviction_log.ready():
+            log.warning(
+                "closing slow consumer %s (1013): queue full at %d messages, %d bytes; "
+                "%d more since the last line",
+                self.connection.id,
+                len(outbox),
+                outbox.bytes,
+                _eviction_log.take_suppressed(),
+            )
+        self.close(Close.SLOW_CONSUMER, "slow consumer")
 
     def flush(self) -> None:
         """Write queued frames while the transport takes them, a few large writes at a time."""
@@ -205,20 +244,19 @@ class Session:
                 outbox.clear()
                 return
             batch = outbox.pop_batch(connection.write_limit_high)
-            self._write(batch)
+            self._write(batch, b"".join([item.frame for item in batch]) if self._raw else b"")
             now_ms = time.time() * 1000
             for item in batch:
                 if item.ts is not None:
                     self.stats.record_latency(max(0.0, now_ms - item.ts) / 1000)
+        self._update_direct()
 
-    def _write(self, items: tuple[Outbound, ...] | list[Outbound]) -> None:
+    def _write(self, items: Sequence[Outbound], frame: bytes) -> None:
         connection = self.connection
+        self.stats.writes += 1
         try:
             if self._raw:
-                if len(items) == 1:
-                    connection.transport.write(items[0].frame)
-                else:
-                    connection.transport.write(b"".join([item.frame for item in items]))
+                connection.transport.write(frame)
             else:
                 for item in items:
                     connection.protocol.send_text(item.text)
@@ -241,6 +279,7 @@ class Session:
         """
         if self.close_code is not None:
             return
+        self.direct = None
         self.close_code = code
         self.close_reason = reason
         if self.outbox:
@@ -262,6 +301,7 @@ class Session:
 
     def abort(self) -> None:
         """Reset the TCP connection now, freeing the kernel's buffers for it at once."""
+        self.direct = None
         transport = self.connection.transport
         if self.connection.protocol.state is State.CLOSED:
             return
@@ -277,6 +317,7 @@ class Session:
             if handle is not None:
                 handle.cancel()
         self._abort_handle = self._expiry_handle = None
+        self.direct = None
         if self.outbox is not None:
             self.outbox.clear()
         self.connection.session = None

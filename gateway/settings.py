@@ -74,6 +74,19 @@ class Settings(BaseSettings):
         description="transport write buffer, bytes, above which a client counts as congested and "
         "its messages wait in its queue",
     )
+    coalesce_window: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="seconds: a channel's messages arriving within this long after its last "
+        "write wait and go out together, one write per client (the first after a quiet spell "
+        "goes at once); 0: only what arrived together is written together",
+    )
+    coalesce: bool = Field(
+        True,
+        description="write a channel's messages that arrive together in one write per client; "
+        "false writes every message on its own (one write per delivery, for comparison)",
+    )
     send_buffer: int | None = Field(
         None,
         ge=4096,

@@ -20,6 +20,7 @@ class Stats:
     closes: Counter[tuple[int, str]] = field(default_factory=Counter)
     messages_received: int = 0  # envelopes from the backplane for channels with subscribers
     fanout: int = 0  # messages handed to sessions (written through or queued)
+    writes: int = 0  # writes to client transports; one can carry several messages
     #: (policy, reason) -> deliveries dropped: reason "queue_full" (drop-oldest/-newest) or
     #: "closed" (still queued when the connection was closed)
     drops: Counter[tuple[str, str]] = field(default_factory=Counter)

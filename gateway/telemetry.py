@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -23,7 +24,7 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.trace import Link, SpanKind, Tracer
+from opentelemetry.trace import Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
 
@@ -160,6 +161,8 @@ class Telemetry:
              "malformed envelopes dropped, by reason"),
             (counter, "deliveries", one(lambda: stats.fanout), "{delivery}",
              "messages handed to clients (written or queued)"),
+            (counter, "writes", one(lambda: stats.writes), "{write}",
+             "writes to client sockets; one write carries several messages when they coalesce"),
             (counter, "deliveries.dropped", by(lambda: stats.drops, "policy", "reason"),
              "{delivery}", "deliveries dropped, by policy and reason"),
             (gauge, "queue.deepest", one(lambda: max((s.queued for s in list(sessions)),
@@ -180,8 +183,12 @@ class Telemetry:
         for create, name, reading, unit, description in instruments:
             create("wsgateway." + name, [reading], unit=unit, description=description)
 
-    def consume(self, envelope: Envelope) -> Any:
-        """A CONSUMER span ``process <channel>`` linked to the publisher's span, if any."""
+    def consume(self, envelope: Envelope, start_time: int | None = None) -> Span:
+        """A CONSUMER span ``process <channel>`` linked to the publisher's span, if any.
+
+        ``start_time`` (ns since the epoch) is when the message arrived; the caller ends the
+        span once the message has been handed to every subscriber.
+        """
         assert self.tracer is not None
         links = []
         if envelope.traceparent is not None:
@@ -191,10 +198,11 @@ class Telemetry:
             context = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
             if context.is_valid:
                 links.append(Link(context))
-        return self.tracer.start_as_current_span(
+        return self.tracer.start_span(
             f"process {envelope.channel}",
             kind=SpanKind.CONSUMER,
             links=links,
+            start_time=start_time,
             attributes={
                 "messaging.system": "redis",
                 "messaging.operation.type": "process",
@@ -202,6 +210,11 @@ class Telemetry:
                 "messaging.message.id": envelope.mid,
             },
         )
+
+    @staticmethod
+    def active(span: Span) -> AbstractContextManager[Span]:
+        """Make ``span`` the current one (for log correlation) without ending it on exit."""
+        return trace.use_span(span, end_on_exit=False)
 
     def shutdown(self) -> None:
         for provider in self._owned:

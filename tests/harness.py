@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 from websockets.client import ClientProtocol
 from websockets.frames import Frame
@@ -109,13 +110,21 @@ class RedisServer:
 
     def command(self, *args: str | bytes) -> Any:
         """One command over a fresh socket, with a minimal RESP reader (tests only)."""
+        [answer] = self.pipeline([args])
+        return answer
+
+    def pipeline(self, commands: list[tuple[str | bytes, ...]]) -> list[Any]:
+        """Several commands sent in one write; Redis runs them back to back."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            parts = [a.encode() if isinstance(a, str) else a for a in args]
-            payload = b"*%d\r\n" % len(parts) + b"".join(
-                b"$%d\r\n%s\r\n" % (len(p), p) for p in parts
-            )
+            payload = b""
+            for args in commands:
+                parts = [a.encode() if isinstance(a, str) else a for a in args]
+                payload += b"*%d\r\n" % len(parts) + b"".join(
+                    b"$%d\r\n%s\r\n" % (len(p), p) for p in parts
+                )
             sock.sendall(payload)
-            return _read_resp(sock.makefile("rb"))
+            stream = sock.makefile("rb")
+            return [_read_resp(stream) for _ in commands]
 
     def publish(self, channel: str, payload: bytes | str) -> int:
         return int(self.command("PUBLISH", channel, payload))
@@ -210,6 +219,17 @@ class GatewayProcess:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+    def metric(self, sample: str) -> float:
+        """The sum of a sample's values in ``/metrics`` (``wsgateway_writes_total``, ...)."""
+        status, text = self.http("/metrics")
+        assert status == 200, text
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == sample
+        )
 
     def http_status(self, path: str) -> int | None:
         try:
