@@ -151,9 +151,10 @@ def run(
     rate: float,
     seconds: float,
     stalled: int,
+    settings: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     port = free_port()
-    server = start_server(design, port, redis_server.url)
+    server = start_server(design, port, redis_server.url, **(settings or {}))
     try:
         time.sleep(0.5)
         idle_before = rss_kib(server.pid)
@@ -247,6 +248,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--stalled-percent", type=float, default=0)
     parser.add_argument("--designs", default=",".join(DESIGNS))
+    parser.add_argument(
+        "--set", action="append", default=[], help="GATEWAY_X=value for the gateway designs"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/fanout.json"))
     args = parser.parse_args()
     stalled = int(args.subscribers * args.stalled_percent / 100)
@@ -258,7 +262,15 @@ def main() -> None:
             for rate in (float(r) for r in args.rates.split(",")):
                 for design in args.designs.split(","):  # side by side, same conditions
                     rows.append(
-                        run(design, redis_server, args.subscribers, rate, args.seconds, stalled)
+                        run(
+                            design,
+                            redis_server,
+                            args.subscribers,
+                            rate,
+                            args.seconds,
+                            stalled,
+                            dict(setting.split("=", 1) for setting in args.set),
+                        )
                     )
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
         finally:

@@ -13,6 +13,7 @@ import http
 import logging
 import random
 import re
+import weakref
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -25,7 +26,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from gateway.access import Access
-from gateway.auth import Authenticator, AuthError, bearer_token
+from gateway.auth import Authenticator, AuthError, Identity, bearer_token
 from gateway.backplane import BackplaneUnavailable, create_backplane
 from gateway.hub import Hub
 from gateway.protocol import (
@@ -90,8 +91,16 @@ class Gateway:
             close_timeout=settings.close_timeout,
             rate=settings.rate_limit,
             max_subscriptions=settings.max_subscriptions,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
         )
         self.sessions: set[Session] = set()
+        # Who each accepted handshake is and what it asked for, until its session starts.
+        # Kept here rather than on the connection: two more attributes there would turn its
+        # instance dict from a shared-key one into a full one, 1.3 KiB more per client.
+        self._admitted: weakref.WeakKeyDictionary[
+            ServerConnection, tuple[Identity, tuple[str, ...]]
+        ] = weakref.WeakKeyDictionary()
         self.congested: set[Session] = set()  # transports that filled up; the stall watch
         self.draining = False
         self.server: Server | None = None
@@ -141,14 +150,13 @@ class Gateway:
             origins=_origins(s),
             compression="deflate" if s.compression == "deflate" else None,
             max_size=s.max_message_size,
-            ping_interval=s.ping_interval,
-            ping_timeout=s.ping_timeout,
+            ping_interval=None,  # one sweep pings every connection: see _sweep
             close_timeout=s.close_timeout,
             open_timeout=s.open_timeout,
             write_limit=s.write_limit,
             server_header="wsgateway",
         )
-        self._tasks.append(asyncio.create_task(self._watch_stalls(), name="stall watch"))
+        self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
 
     # Handshake and plain HTTP
 
@@ -192,9 +200,7 @@ class Gateway:
         except AuthError as exc:
             self.stats.refused["auth"] += 1
             return self._refuse(connection, http.HTTPStatus.UNAUTHORIZED, str(exc))
-        assert isinstance(connection, SessionConnection)
-        connection.identity = identity
-        connection.initial_channels = tuple(channels)
+        self._admitted[connection] = (identity, tuple(channels))
         return None
 
     def _process_response(
@@ -230,19 +236,25 @@ class Gateway:
 
     async def _handle(self, connection: ServerConnection) -> None:
         assert isinstance(connection, SessionConnection)
-        assert connection.identity is not None
-        session = Session(connection, connection.identity, self.stats, self.limits)
-        connection.identity = None  # the session keeps what it needs
+        identity, initial_channels = self._admitted.pop(connection)
+        session = Session(connection, identity, self.stats, self.limits)
+        # Nothing of the handshake is needed any more, but the library keeps both objects
+        # (it tells the handshake from later frames by `request` being set): empty their
+        # headers, about 3 KiB a client.
+        for message in (connection.request, connection.response):
+            if message is not None:
+                message.headers.clear()
         self.sessions.add(session)
         self.stats.connections_opened += 1
         self.stats.connections_open += 1
         try:
-            for channel in connection.initial_channels:
+            for channel in initial_channels:
                 try:
                     await self._subscribe(session, channel, None)
                 except RequestError as exc:
                     session.send(error(exc))
-            async for text in connection:
+            while True:  # not `async for`: its async generator would cost ~0.5 KiB a client
+                text = await connection.recv()
                 if session.closing:
                     continue  # keep reading so the closing handshake can finish
                 if not session.allow_request():
@@ -268,7 +280,7 @@ class Gateway:
         if session.close_code is not None:
             code, reason = session.close_code, _close_reason(session.close_code)
         else:
-            # Closed by the client, by the library (1009 too big, 1011 keepalive timeout) or
+            # Closed by the client, by the library (1009 too big) or
             # by the network (1006).
             code = connection.close_code if connection.close_code is not None else 1006
             reason = "client" if code in (1000, 1001) else "error"
@@ -346,30 +358,39 @@ class Gateway:
         session.congested_at = session.connection.loop.time()
         self.congested.add(session)
 
-    async def _watch_stalls(self) -> None:
-        """Cut off clients whose transport stayed full for ``stall_timeout``.
+    async def _sweep(self) -> None:
+        """Once a tick, for all connections: keepalive pings, and stalled clients cut off.
 
-        websockets' own close() and ping() wait for the buffer to drain with no deadline, so
-        neither the keepalive nor a close would ever end such a connection.
+        One task for the replica instead of the library's keepalive task per connection
+        saves about 1.5 KiB per connection. Clients whose transport stayed full for
+        ``stall_timeout`` are cut off: websockets' own close() and ping() wait for the buffer
+        to drain with no deadline, so neither a keepalive nor a close would end them.
         """
-        timeout = self.settings.stall_timeout
+        s = self.settings
+        tick = min(1.0, s.stall_timeout / 4, s.ping_interval / 4, s.ping_timeout / 4)
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
+            await asyncio.sleep(tick)
             now = loop.time()
-            for session in list(self.congested):
-                if not session.connection.paused:
-                    self.congested.discard(session)  # drained since
-                elif session.congested_at is not None and now - session.congested_at >= timeout:
-                    self.congested.discard(session)
-                    self.stats.stalled += 1
-                    log.info(
-                        "cutting off stalled client %s after %.1fs",
-                        session.connection.id,
-                        now - session.congested_at,
-                    )
-                    # Its buffers are full: a close frame could not reach it anyway.
-                    session.close(Close.SLOW_CONSUMER, "stalled", abort_after=0)
+            for session in list(self.sessions):
+                session.keepalive(now)
+            self._cut_off_stalled(now)
+
+    def _cut_off_stalled(self, now: float) -> None:
+        timeout = self.settings.stall_timeout
+        for session in list(self.congested):
+            if not session.connection.paused:
+                self.congested.discard(session)  # drained since
+            elif session.congested_at is not None and now - session.congested_at >= timeout:
+                self.congested.discard(session)
+                self.stats.stalled += 1
+                log.info(
+                    "cutting off stalled client %s after %.1fs",
+                    session.connection.id,
+                    now - session.congested_at,
+                )
+                # Its buffers are full: a close frame could not reach it anyway.
+                session.close(Close.SLOW_CONSUMER, "stalled", abort_after=0)
 
     # Shutdown
 

@@ -75,12 +75,13 @@ class Settings(BaseSettings):
         "its messages wait in its queue",
     )
     coalesce_window: float = Field(
-        0.0,
+        0.02,
         ge=0,
         le=1,
         description="seconds: a channel's messages arriving within this long after its last "
         "write wait and go out together, one write per client (the first after a quiet spell "
-        "goes at once); 0: only what arrived together is written together",
+        "goes at once, so a channel at most 1/window messages a second is never held); 0: "
+        "only what arrives together is written together",
     )
     coalesce: bool = Field(
         True,

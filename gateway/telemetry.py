@@ -113,7 +113,8 @@ class Telemetry:
         self.fanout_duration = meter.create_histogram(
             "wsgateway.fanout.duration",
             unit="s",
-            description="time to hand one message to every local subscriber",
+            description="time to hand one batch of a channel's messages (one, or several that "
+            "arrived together) to every local subscriber",
             explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
         )
         self.delivery_latency = meter.create_histogram(

@@ -144,7 +144,8 @@ async def test_counters_move_by_exactly_the_expected_amounts(
         assert o.metric("wsgateway.deliveries") == 6
         assert o.metric("wsgateway.messages.malformed", reason="json") == 1
         assert o.metric("wsgateway.messages.malformed", reason="channel") == 1
-        assert o.metric("wsgateway.fanout.duration") == 3
+        # One record per batch written (the three may coalesce), one latency per message.
+        assert 1 <= o.metric("wsgateway.fanout.duration") <= 3
         assert o.metric("wsgateway.delivery.latency") == 3
     async with client(url) as flood:
         for n in range(40):
