@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import subprocess
-import sys
+import os
 import tracemalloc
 
 import uvloop
@@ -49,7 +48,9 @@ async def measure(connections: int, top: int, frames: int) -> None:
     print(f"\n  largest growth, bytes per connection (top {top}):")
     for stat in stats[:top]:
         where = stat.traceback.format(limit=frames)
-        print(f"  {stat.size_diff / connections:8.0f}  {stat.count_diff / connections:5.1f} objects")
+        print(
+            f"  {stat.size_diff / connections:8.0f}  {stat.count_diff / connections:5.1f} objects"
+        )
         for line in where:
             print("          " + line.strip())
     await asyncio.to_thread(stop_clients, clients)
@@ -57,8 +58,6 @@ async def measure(connections: int, top: int, frames: int) -> None:
 
 
 def rss_kib_self() -> int:
-    import os
-
     return rss_kib(os.getpid())
 
 
@@ -73,4 +72,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

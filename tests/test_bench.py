@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.fanout import start_server
+from bench.regression import RECORD, measure_ratio
 from tests.harness import (
     GatewayFactory,
     RedisServer,
@@ -59,29 +60,29 @@ def test_idle_memory_bench_runs() -> None:
     assert "50 idle connections:" in result.stdout and "KiB each" in result.stdout
 
 
-def test_fanout_bench_runs_both_designs(tmp_path: Path) -> None:
-    out = tmp_path / "fanout.json"
+def test_the_whole_benchmark_runs_quick_and_writes_its_report(tmp_path: Path) -> None:
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.fanout",
-            "--subscribers",
-            "20",
-            "--rates",
-            "10",
-            "--seconds",
-            "1",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["design"] for r in rows] == ["gateway", "guide"]
-    for row in rows:
-        assert row["delivered_share"] == 1.0, row  # 10 messages to 20 subscribers, all there
+    report = json.loads((tmp_path / "report.json").read_text())
+    designs = {(r["scenario"], r["design"]) for r in report["rows"]}
+    assert {("1k", "gateway"), ("1k", "gateway-1write"), ("1k", "guide")} <= designs
+    assert {("10k", "gateway"), ("10k", "guide"), ("1k-stalled", "gateway")} <= designs
+    for row in report["rows"]:
+        assert row["delivered_share"] == 1.0, row  # a few subscribers at most 200/s: all there
         assert row["cpu_us_per_delivery"] > 0
+    assert len(report["targets"]) == 5
+    assert "## Targets" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "fanout.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_cpu_per_delivery_against_the_guide_has_not_regressed() -> None:
+    """Fails when the gateway's CPU per delivery, relative to the guide's design measured in
+    the same run, is more than 25% worse than the ratio recorded in bench/results."""
+    recorded = json.loads(RECORD.read_text())["ratio"]
+    measured = measure_ratio()
+    assert measured["ratio"] <= recorded * 1.25, (measured, recorded)

@@ -1,0 +1,165 @@
+"""The whole benchmark in one command: ``python -m bench [--quick]``.
+
+Runs every scenario of docs/performance.md for this gateway and the guide's design in the same
+run (server pinned to CPU 0, load clients, Redis and the publisher on CPU 1), then writes
+``bench/results/report.json``, ``bench/results/report.md`` (tables and the targets as ratios)
+and ``bench/results/fanout.png`` (latency and CPU against throughput). ``--quick`` runs the
+same scenarios small and short, to check that the benchmark works, not to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.chart import chart
+from bench.fanout import bench_redis, report, run, sustained, table
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    subscribers: int
+    designs: tuple[str, ...]
+    rates: tuple[float, ...]
+    stalled_percent: float = 0
+    until_saturated: bool = False
+    #: With stalled clients: runs without and with them, alternately, this many times each
+    #: (p99 moves between identical runs; the medians of several pairs are what is compared).
+    pairs: int = 1
+
+
+BOTH = ("gateway", "guide")
+FULL = (
+    Scenario("1k", 1000, ("gateway", "gateway-1write", "guide"), (20, 200)),
+    Scenario("1k-saturation", 1000, BOTH, (50, 100, 500, 1000, 2000), until_saturated=True),
+    Scenario("10k", 10000, BOTH, (2, 5, 20, 50, 100, 200), until_saturated=True),
+    Scenario("1k-stalled", 1000, BOTH, (20,), stalled_percent=5, pairs=3),
+)
+QUICK = (
+    Scenario("1k", 40, ("gateway", "gateway-1write", "guide"), (20, 200)),
+    Scenario("1k-saturation", 40, BOTH, (500,), until_saturated=True),
+    Scenario("10k", 60, BOTH, (20,), until_saturated=True),
+    Scenario("1k-stalled", 40, BOTH, (20,), stalled_percent=5),
+)
+
+
+def measure(scenarios: tuple[Scenario, ...], seconds: float, workdir: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    redis_server = bench_redis(workdir)
+    try:
+        for scenario in scenarios:
+            stalled = int(scenario.subscribers * scenario.stalled_percent / 100)
+            variants = [0, stalled] * scenario.pairs if stalled else [0]
+            saturated: set[str] = set()
+            for rate in scenario.rates:
+                for design in scenario.designs:
+                    for stalled_now in variants:
+                        if design in saturated:
+                            continue
+                        row = run(
+                            design, redis_server, scenario.subscribers, rate, seconds, stalled_now
+                        )
+                        row["scenario"] = scenario.name
+                        row["sustained"] = sustained(row)
+                        rows.append(row)
+                        print(f"{scenario.name:14} {table([row]).splitlines()[-1]}", flush=True)
+                        if scenario.until_saturated and not row["sustained"]:
+                            saturated.add(design)
+    finally:
+        redis_server.stop()
+    return rows
+
+
+def pick(rows: list[dict[str, Any]], scenario: str, design: str, rate: float) -> dict[str, Any]:
+    [row] = [r for r in rows if (r["scenario"], r["design"], r["rate"]) == (scenario, design, rate)]
+    return row
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each as a measured value against its bound."""
+
+    def cpu(scenario: str, design: str, rate: float) -> float:
+        return float(pick(rows, scenario, design, rate)["cpu_us_per_delivery"])
+
+    def best(design: str) -> float:
+        return max(
+            (r["deliveries_per_second"] for r in rows if r["design"] == design and r["sustained"]),
+            default=0.0,
+        )
+
+    def idle(design: str) -> float:
+        return float(
+            next(r for r in rows if r["scenario"] == "10k" and r["design"] == design)[
+                "rss_kib_per_idle_connection"
+            ]
+        )
+
+    def p99(stalled: bool) -> float:
+        return statistics.median(
+            float(r["latency_p99_ms"])
+            for r in rows
+            if r["scenario"] == "1k-stalled" and r["design"] == "gateway"
+            and bool(r["stalled"]) == stalled
+        )  # fmt: skip
+
+    found = [
+        ("CPU per delivery, 1k subscribers, 20 msg/s, gateway / guide",
+         cpu("1k", "gateway", 20) / cpu("1k", "guide", 20), "<=", 0.35),
+        ("highest sustained deliveries/s (p99 < 250 ms), gateway / guide",
+         best("gateway") / max(best("guide"), 1.0), ">=", 3.0),
+        ("CPU per delivery, 1k subscribers, 200 msg/s, gateway / gateway-1write",
+         cpu("1k", "gateway", 200) / cpu("1k", "gateway-1write", 200), "<=", 0.5),
+        ("RSS per idle connection (KiB), gateway, 10k connections",
+         idle("gateway"), "<=", 10.0),
+        ("others' p99 with 5% stalled clients / without (medians of pairs), gateway",
+         p99(stalled=True) / p99(stalled=False), "<=", 1.10),
+    ]  # fmt: skip
+    return [
+        {
+            "target": name,
+            "measured": round(value, 3),
+            "bound": f"{op} {bound:g}",
+            "met": value <= bound if op == "<=" else value >= bound,
+        }
+        for name, value, op, bound in found
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"Measured {result['when']} on {result['machine']}.", "", "## Targets", ""]
+    lines += ["| target | measured | bound | met |", "|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} | {t['bound']} | {t['met']} |")
+    for scenario in dict.fromkeys(r["scenario"] for r in result["rows"]):
+        lines += ["", f"## Scenario {scenario}", ""]
+        lines.append(table([r for r in result["rows"] if r["scenario"] == scenario]))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small and short: a smoke test")
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    scenarios = QUICK if args.quick else FULL
+    seconds = args.seconds or (1.0 if args.quick else 6.0)
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = measure(scenarios, seconds, Path(workdir))
+    result = {**report(rows), "seconds": seconds, "targets": targets(rows)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "report.md").write_text(markdown(result))
+    chart(result, args.out / "fanout.png")
+    print()
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

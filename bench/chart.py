@@ -1,0 +1,48 @@
+"""The benchmark's PNG chart: p99 latency and CPU per delivery against deliveries per second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen needed
+
+import matplotlib.pyplot as plt  # after choosing the backend
+
+STYLE = {"gateway": "tab:blue", "gateway-1write": "tab:cyan", "guide": "tab:red"}
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12, 4.8))
+    series: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in result["rows"]:
+        if row["stalled"] == 0:
+            series.setdefault((row["design"], row["subscribers"]), []).append(row)
+    for (design, subscribers), rows in sorted(series.items()):
+        rows.sort(key=lambda r: r["deliveries_per_second"])
+        x = [r["deliveries_per_second"] for r in rows]
+        marker = "o" if subscribers <= 1000 else "s"
+        label = f"{design}, {subscribers} subscribers"
+        color = STYLE.get(design, "tab:gray")
+        latency.plot(x, [r["latency_p99_ms"] or 0 for r in rows], marker=marker, color=color,
+                     label=label)  # fmt: skip
+        cpu.plot(x, [r["cpu_us_per_delivery"] or 0 for r in rows], marker=marker, color=color,
+                 label=label)  # fmt: skip
+    latency.axhline(250, color="gray", linestyle="--", linewidth=1)
+    for axes, title, unit in (
+        (latency, "delivery latency p99", "ms"),
+        (cpu, "gateway CPU per delivery", "µs"),
+    ):
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel("deliveries per second (one core)")
+        axes.set_ylabel(unit)
+        axes.set_title(title)
+        axes.grid(True, which="both", alpha=0.3)
+    cpu.legend(fontsize=8)
+    figure.suptitle(f"fan-out, {result['when']}, {result['machine']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

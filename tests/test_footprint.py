@@ -1,0 +1,64 @@
+"""What an idle connection costs: one task, and a bounded amount of memory.
+
+The library's keepalive would add a task (and ~1.5 KiB) per connection; the replica's single
+sweep replaces it. The RSS figure is a generous regression guard around the measured 8.9 KiB
+(docs/performance.md), not a benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from bench.fanout import start_clients, stop_clients
+from tests.harness import (
+    GatewayFactory,
+    ThreadedGateway,
+    async_wait_until,
+    client,
+    recv_json,
+    rss_kib,
+)
+
+
+async def test_a_connection_costs_one_task_and_keepalive_still_runs() -> None:
+    gateway = ThreadedGateway(ping_interval=0.2, ping_timeout=5, log_level="warning").start()
+    try:
+        baseline = gateway.tasks()
+        async with contextlib.AsyncExitStack() as stack:
+            sockets = [
+                await stack.enter_async_context(client(gateway.ws_url + "?channels=idle"))
+                for _ in range(20)
+            ]
+            for ws in sockets:
+                await recv_json(ws)
+            assert gateway.tasks() == baseline + 20  # each client's request loop, nothing more
+            # The sweep pings every connection: each one gets its round-trip time.
+            await async_wait_until(
+                lambda: (
+                    gateway.call(
+                        lambda: sum(s.connection.latency > 0 for s in gateway.gateway.sessions)
+                    )
+                    == 20
+                )
+            )
+    finally:
+        gateway.stop()
+
+
+def test_idle_memory_per_connection_stays_bounded(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    gateway = gateway_factory({"GATEWAY_LOG_LEVEL": "warning", "GATEWAY_RATE_LIMIT": "1000"})
+    assert gateway.process is not None
+    connections = 2000
+    time.sleep(0.5)
+    before = rss_kib(gateway.process.pid)
+    clients = start_clients(gateway.ws_url + "?channels=idle", connections, 0)
+    try:
+        time.sleep(1.0)
+        per_connection = (rss_kib(gateway.process.pid) - before) / connections
+    finally:
+        stop_clients(clients)
+    assert per_connection < 12, f"{per_connection:.1f} KiB per idle connection"
