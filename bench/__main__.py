@@ -13,26 +13,11 @@ import argparse
 import json
 import statistics
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.chart import chart
-from bench.fanout import bench_redis, report, run, sustained, table
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    subscribers: int
-    designs: tuple[str, ...]
-    rates: tuple[float, ...]
-    stalled_percent: float = 0
-    until_saturated: bool = False
-    #: With stalled clients: runs without and with them, alternately, this many times each
-    #: (p99 moves between identical runs; the medians of several pairs are what is compared).
-    pairs: int = 1
-
+from bench.fanout import Scenario, bench_redis, report, sweep, table
 
 BOTH = ("gateway", "guide")
 FULL = (
@@ -50,30 +35,11 @@ QUICK = (
 
 
 def measure(scenarios: tuple[Scenario, ...], seconds: float, workdir: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
     redis_server = bench_redis(workdir)
     try:
-        for scenario in scenarios:
-            stalled = int(scenario.subscribers * scenario.stalled_percent / 100)
-            variants = [0, stalled] * scenario.pairs if stalled else [0]
-            saturated: set[str] = set()
-            for rate in scenario.rates:
-                for design in scenario.designs:
-                    for stalled_now in variants:
-                        if design in saturated:
-                            continue
-                        row = run(
-                            design, redis_server, scenario.subscribers, rate, seconds, stalled_now
-                        )
-                        row["scenario"] = scenario.name
-                        row["sustained"] = sustained(row)
-                        rows.append(row)
-                        print(f"{scenario.name:14} {table([row]).splitlines()[-1]}", flush=True)
-                        if scenario.until_saturated and not row["sustained"]:
-                            saturated.add(design)
+        return [row for scenario in scenarios for row in sweep(scenario, redis_server, seconds)]
     finally:
         redis_server.stop()
-    return rows
 
 
 def pick(rows: list[dict[str, Any]], scenario: str, design: str, rate: float) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,18 @@ def start_clients(url: str, subscribers: int, stalled: int) -> list[subprocess.P
     return clients
 
 
+def connect_idle(
+    pid: int, url: str, subscribers: int, stalled: int = 0
+) -> tuple[list[subprocess.Popen[str]], float]:
+    """Connect the subscribers; return their client processes and the server's RSS growth
+    per connection, in KiB, once they are all connected and idle."""
+    time.sleep(0.5)
+    before = rss_kib(pid)
+    clients = start_clients(url, subscribers, stalled)
+    time.sleep(1.0)
+    return clients, (rss_kib(pid) - before) / subscribers
+
+
 def stop_clients(clients: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
     results = []
     for client in clients:
@@ -158,12 +171,8 @@ def run(
     port = free_port()
     server = start_server(design, port, redis_server.url, **(settings or {}))
     try:
-        time.sleep(0.5)
-        idle_before = rss_kib(server.pid)
         url = f"ws://127.0.0.1:{port}/ws?channels=bench"
-        clients = start_clients(url, subscribers, stalled)
-        time.sleep(1.0)
-        idle_after = rss_kib(server.pid)
+        clients, idle_kib = connect_idle(server.pid, url, subscribers, stalled)
         publisher = redis.Redis.from_url(redis_server.url)
         for _ in range(100):
             if publisher.pubsub_numsub("ws:bench")[0][1] >= 1:
@@ -217,7 +226,7 @@ def run(
         "latency_p50_ms": statistics.median(latency) * 1e3 if latency else None,
         "latency_p99_ms": latency[int(len(latency) * 0.99)] * 1e3 if latency else None,
         "latency_max_ms": latency[-1] * 1e3 if latency else None,
-        "rss_kib_per_idle_connection": (idle_after - idle_before) / subscribers,
+        "rss_kib_per_idle_connection": idle_kib,
         "delivered_share": deliveries / (messages * healthy) if messages else None,
     }
 
@@ -241,6 +250,48 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{_cell(r['delivered_share'], 4)} |"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    subscribers: int
+    designs: tuple[str, ...]
+    rates: tuple[float, ...]
+    stalled_percent: float = 0
+    #: Stop a design's rates at the first one it does not sustain.
+    until_saturated: bool = False
+    #: With stalled clients: runs without and with them, alternately, this many times each
+    #: (p99 moves between identical runs; the medians of several pairs are what is compared).
+    pairs: int = 1
+
+
+def sweep(
+    scenario: Scenario,
+    redis_server: RedisServer,
+    seconds: float,
+    settings: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Every run of a scenario, the designs side by side at each rate (same conditions)."""
+    stalled = int(scenario.subscribers * scenario.stalled_percent / 100)
+    variants = [0, stalled] * scenario.pairs if stalled else [0]
+    rows: list[dict[str, Any]] = []
+    saturated: set[str] = set()
+    for rate in scenario.rates:
+        for design in scenario.designs:
+            for stalled_now in variants:
+                if design in saturated:
+                    continue
+                row = run(
+                    design, redis_server, scenario.subscribers, rate, seconds, stalled_now, settings
+                )
+                row["scenario"] = scenario.name
+                row["sustained"] = sustained(row)
+                rows.append(row)
+                print(f"{scenario.name:14} {table([row]).splitlines()[-1]}", flush=True)
+                if scenario.until_saturated and not row["sustained"]:
+                    saturated.add(design)
+    return rows
 
 
 def bench_redis(workdir: Path) -> RedisServer:
@@ -276,30 +327,19 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/fanout.json"))
     args = parser.parse_args()
-    stalled = int(args.subscribers * args.stalled_percent / 100)
+    scenario = Scenario(
+        "cli",
+        args.subscribers,
+        tuple(args.designs.split(",")),
+        tuple(float(r) for r in args.rates.split(",")),
+        args.stalled_percent,
+        args.until_saturated,
+    )
     settings = dict(setting.split("=", 1) for setting in args.set)
-    rows: list[dict[str, Any]] = []
-    saturated: set[str] = set()
     with tempfile.TemporaryDirectory() as workdir:
         redis_server = bench_redis(Path(workdir))
         try:
-            for rate in (float(r) for r in args.rates.split(",")):
-                for design in args.designs.split(","):  # side by side, same conditions
-                    if design in saturated:
-                        continue
-                    row = run(
-                        design,
-                        redis_server,
-                        args.subscribers,
-                        rate,
-                        args.seconds,
-                        stalled,
-                        settings,
-                    )
-                    rows.append(row)
-                    print(table(rows[-1:]).splitlines()[-1], flush=True)
-                    if args.until_saturated and not sustained(row):
-                        saturated.add(design)
+            rows = sweep(scenario, redis_server, args.seconds, settings)
         finally:
             redis_server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)

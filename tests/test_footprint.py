@@ -8,17 +8,15 @@ sweep replaces it. The RSS figure is a generous regression guard around the meas
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
-from bench.fanout import start_clients, stop_clients
+from bench.fanout import connect_idle, stop_clients
 from tests.harness import (
     GatewayFactory,
     ThreadedGateway,
     async_wait_until,
     client,
     recv_json,
-    rss_kib,
 )
 
 
@@ -52,13 +50,8 @@ def test_idle_memory_per_connection_stays_bounded(
 ) -> None:
     gateway = gateway_factory({"GATEWAY_LOG_LEVEL": "warning", "GATEWAY_RATE_LIMIT": "1000"})
     assert gateway.process is not None
-    connections = 2000
-    time.sleep(0.5)
-    before = rss_kib(gateway.process.pid)
-    clients = start_clients(gateway.ws_url + "?channels=idle", connections, 0)
-    try:
-        time.sleep(1.0)
-        per_connection = (rss_kib(gateway.process.pid) - before) / connections
-    finally:
-        stop_clients(clients)
+    clients, per_connection = connect_idle(
+        gateway.process.pid, gateway.ws_url + "?channels=idle", 2000
+    )
+    stop_clients(clients)
     assert per_connection < 12, f"{per_connection:.1f} KiB per idle connection"
