@@ -13,12 +13,33 @@ from typing import Annotated
 
 import msgspec
 
-from publisher.envelope import TRACESTATE_MAX_LENGTH, is_valid_mid, is_valid_traceparent
+from publisher.envelope import (
+    TRACESTATE_MAX_LENGTH,
+    is_valid_epoch,
+    is_valid_mid,
+    is_valid_traceparent,
+)
 
 __all__ = ["Envelope", "MalformedEnvelope", "decode_envelope"]
 
 
 class Envelope(msgspec.Struct, frozen=True):
+    """A valid envelope of either version, as the hub uses it."""
+
+    channel: str
+    data: msgspec.Raw
+    mid: str
+    ts: int
+    traceparent: str | None = None
+    tracestate: str | None = None
+    #: The message's place in its history channel (version 2 only), else None.
+    offset: int | None = None
+    epoch: str | None = None
+
+
+class _Wire(msgspec.Struct):
+    """What a publisher sends, as decoded before the checks that msgspec cannot express."""
+
     v: int | float  # JSON Schema's "const": 1 admits 1.0 too; checked below
     channel: str
     data: msgspec.Raw
@@ -26,6 +47,11 @@ class Envelope(msgspec.Struct, frozen=True):
     ts: Annotated[int, msgspec.Meta(ge=0)]
     traceparent: str | None = None
     tracestate: Annotated[str, msgspec.Meta(max_length=TRACESTATE_MAX_LENGTH)] | None = None
+    # Version 2 only; left raw so that a version 1 envelope ignores them whatever they hold,
+    # as the contract says of fields a version does not know.
+    # (An empty Raw is an absent field: msgspec cannot decode a Raw inside an Optional.)
+    offset: msgspec.Raw = msgspec.Raw(b"")
+    epoch: msgspec.Raw = msgspec.Raw(b"")
 
 
 class MalformedEnvelope(ValueError):
@@ -39,7 +65,8 @@ class MalformedEnvelope(ValueError):
         self.reason = reason
 
 
-_decoder = msgspec.json.Decoder(Envelope)
+_decoder = msgspec.json.Decoder(_Wire)
+_position = msgspec.json.Decoder(tuple[Annotated[int, msgspec.Meta(ge=1)], str])
 
 
 def decode_envelope(payload: bytes, channel: str) -> Envelope:
@@ -50,19 +77,38 @@ def decode_envelope(payload: bytes, channel: str) -> Envelope:
     except UnicodeDecodeError as exc:
         raise MalformedEnvelope("encoding", f"not UTF-8: {exc}") from None
     try:
-        envelope = _decoder.decode(payload)
+        wire = _decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise MalformedEnvelope("schema", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise MalformedEnvelope("json", str(exc)) from None
-    if envelope.v != 1:
-        raise MalformedEnvelope("schema", f"unsupported envelope version {envelope.v!r}")
-    if envelope.channel != channel:
+    if wire.v not in (1, 2) or type(wire.v) is bool:
+        raise MalformedEnvelope("schema", f"unsupported envelope version {wire.v!r}")
+    if wire.channel != channel:
         raise MalformedEnvelope(
-            "channel", f"envelope names channel {envelope.channel!r} but arrived on {channel!r}"
+            "channel", f"envelope names channel {wire.channel!r} but arrived on {channel!r}"
         )
-    if not is_valid_mid(envelope.mid):
+    if not is_valid_mid(wire.mid):
         raise MalformedEnvelope("schema", "mid must be 1 to 128 printable ASCII characters")
-    if envelope.traceparent is not None and not is_valid_traceparent(envelope.traceparent):
+    if wire.traceparent is not None and not is_valid_traceparent(wire.traceparent):
         raise MalformedEnvelope("schema", "traceparent is not a W3C traceparent")
-    return envelope
+    offset = epoch = None
+    if wire.v == 2:
+        if not wire.offset or not wire.epoch:
+            raise MalformedEnvelope("schema", "a version 2 envelope needs offset and epoch")
+        try:
+            offset, epoch = _position.decode(b"[%s,%s]" % (wire.offset, wire.epoch))
+        except msgspec.ValidationError as exc:
+            raise MalformedEnvelope("schema", f"offset or epoch: {exc}") from None
+        if not is_valid_epoch(epoch):
+            raise MalformedEnvelope("schema", "epoch must be 1 to 64 of A-Z a-z 0-9 _ -")
+    return Envelope(
+        wire.channel,
+        wire.data,
+        wire.mid,
+        wire.ts,
+        wire.traceparent,
+        wire.tracestate,
+        offset,
+        epoch,
+    )

@@ -9,6 +9,12 @@ iteration (all the messages of one socket read) and, with ``window`` > 0, what a
 ``window`` seconds of the channel's last write is joined into one buffer, built once, and each
 subscriber gets it in one write. Under load the system calls per delivery fall well below one;
 at a quiet moment the first message still goes out on the next loop iteration.
+
+History channels (see :mod:`gateway.history`) are delivered in offset order, once each: a
+:class:`~gateway.history.Cursor` per channel drops duplicates, and a missing offset (or the
+backplane coming back from an outage) holds the live messages while the missing ones are read
+from the channel's stream. A subscriber that resumes from a position gets the messages it
+missed before any live one, then the live ones after them, with nothing twice.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
 from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
+from gateway.history import Cursor, Recovery, Verdict, recover
 from gateway.protocol import Outbound, message
 from gateway.session import Session
 from gateway.stats import Stats
@@ -31,7 +40,10 @@ from gateway.throttle import Throttle
 if TYPE_CHECKING:
     from gateway.telemetry import Telemetry
 
-__all__ = ["Hub"]
+__all__ = ["Hub", "Joined"]
+
+#: Read the stream after this offset to learn only its epoch and top.
+_TOP = 2**53
 
 log = logging.getLogger("gateway.hub")
 
@@ -42,15 +54,22 @@ class _Channel:
     __slots__ = (
         "batch",
         "batch_bytes",
+        "catching",
+        "cursor",
+        "fetch",
         "flush",
+        "held",
         "joining",
         "last_write",
         "members",
+        "name",
         "pending",
         "received",
+        "waiting",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, history: bool) -> None:
+        self.name = name
         # Sessions that receive the channel's messages (a dict as an insertion-ordered set).
         self.members: dict[Session, None] = {}
         # Sessions waiting for the backplane to confirm the channel; they join the members
@@ -64,6 +83,28 @@ class _Channel:
         self.received: list[tuple[Envelope, int]] = []
         self.flush: asyncio.Handle | None = None
         self.last_write = -math.inf  # loop time
+        # History channels only: the last offset delivered; while a read of the stream fills
+        # a gap, the live messages that arrive meanwhile (else None).
+        self.cursor: Cursor | None = Cursor() if history else None
+        self.held: list[Envelope] | None = None
+        self.fetch: asyncio.Task[None] | None = None
+        # Subscribers reading the stream to resume: what the channel delivers meanwhile is
+        # kept for them. Then, until the channel has delivered up to the position they start
+        # at (its epoch and offset), they get only the messages after it.
+        self.waiting: dict[Session, list[Outbound]] = {}
+        self.catching: dict[Session, tuple[str | None, int]] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.members or self.waiting or self.catching)
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """A subscription to a history channel: the client's starting point, what it missed."""
+
+    recovery: Recovery
+    replay: list[Outbound]
 
 
 def _deliver(members: dict[Session, None], batch: list[Outbound], frame: bytes) -> int:
@@ -108,6 +149,7 @@ class Hub:
         self.window = window
         self.max_batch_bytes = max_batch_bytes
         self.backplane = make_backplane(self.dispatch)
+        self.backplane.on_resume = self._resume
         self._channels: dict[str, _Channel] = {}
         self._malformed_log = Throttle()
 
@@ -124,14 +166,28 @@ class Hub:
         stats = self.stats
         stats.messages_received += 1
         local = self._channels.get(channel)
-        if local is None or not local.members:
+        if local is None or not local.active:
             return
+        envelope = self._decode(channel, payload)
+        if envelope is None:
+            return
+        if local.cursor is None:
+            self._accept(local, envelope)
+        elif local.held is not None:
+            local.held.append(envelope)  # a gap is being filled: these come after it
+        else:
+            self._sequence(local, envelope, fill_gaps=True)
+
+    def _decode(self, channel: str, payload: bytes) -> Envelope | None:
         try:
-            envelope = decode_envelope(payload, channel)
+            return decode_envelope(payload, channel)
         except MalformedEnvelope as exc:
-            stats.malformed[exc.reason] += 1
+            self.stats.malformed[exc.reason] += 1
             self._log_malformed(channel, exc)
-            return
+            return None
+
+    def _accept(self, local: _Channel, envelope: Envelope) -> None:
+        """Add a message to the channel's next write, and schedule that write."""
         item = message(envelope)
         local.batch.append(item)
         local.batch_bytes += len(item)
@@ -147,6 +203,80 @@ class Hub:
                 local.flush = loop.call_later(delay, self._write, local)
             else:
                 local.flush = loop.call_soon(self._write, local)
+
+    def _sequence(self, local: _Channel, envelope: Envelope, *, fill_gaps: bool) -> None:
+        """Deliver a history channel's message once and in order; on a gap, read the missing
+        messages from the stream first (or, after such a read, count them lost)."""
+        cursor = local.cursor
+        assert cursor is not None
+        offset, epoch = envelope.offset, envelope.epoch
+        if offset is None or epoch is None:  # a publisher that does not number it
+            self.stats.history["unnumbered"] += 1
+            self._accept(local, envelope)
+            return
+        verdict = cursor.check(epoch, offset)
+        if verdict is Verdict.DUPLICATE:
+            self.stats.history["duplicate"] += 1
+            return
+        if verdict is Verdict.GAP:
+            if fill_gaps:
+                local.held = [envelope]
+                self._fill(local)
+                return
+            missed = offset - 1 - (cursor.offset or 0 if epoch == cursor.epoch else 0)
+            self.stats.history["lost"] += missed
+            log.warning(
+                "channel %s: %d messages before offset %d are no longer in its history",
+                local.name,
+                missed,
+                offset,
+            )
+        cursor.advance(epoch, offset)
+        self._accept(local, envelope)
+
+    def _fill(self, local: _Channel) -> None:
+        if local.fetch is None:
+            local.fetch = asyncio.create_task(self._read_missing(local), name=f"fill {local.name}")
+
+    async def _read_missing(self, local: _Channel) -> None:
+        """Read what the channel has not delivered from its stream, deliver it, then what was
+        held meanwhile; retried while the backplane is unavailable."""
+        cursor = local.cursor
+        assert cursor is not None
+        attempt = 0
+        while True:
+            after = cursor.offset if cursor.offset is not None else 0
+            starts = [start for epoch, start in local.catching.values() if epoch == cursor.epoch]
+            if cursor.offset is None and starts:
+                after = min(starts)
+            try:
+                page = await self.backplane.history(local.name, after)
+                break
+            except BackplaneUnavailable as exc:
+                delay = full_jitter(attempt, 0.1, 5.0)
+                attempt += 1
+                log.info(
+                    "channel %s: cannot read history (%s); retry in %.2fs", local.name, exc, delay
+                )
+                await asyncio.sleep(delay)
+        local.fetch = None
+        held, local.held = local.held or [], None
+        if self._channels.get(local.name) is not local:
+            return  # everybody left meanwhile
+        self.stats.history["filled"] += len(page.entries)
+        for _, payload in page.entries:
+            envelope = self._decode(local.name, payload)
+            if envelope is not None:
+                self._sequence(local, envelope, fill_gaps=False)
+        for envelope in held:
+            self._sequence(local, envelope, fill_gaps=False)
+
+    def _resume(self) -> None:
+        """The backplane is back from an outage: fill every history channel from its stream."""
+        for local in self._channels.values():
+            if local.cursor is not None and local.active and local.held is None:
+                local.held = []
+                self._fill(local)
 
     def _write(self, local: _Channel) -> None:
         """Hand the channel's waiting messages to every subscriber, one buffer for all."""
@@ -168,6 +298,11 @@ class Hub:
         scope = telemetry.active(spans[-1]) if telemetry and spans else contextlib.nullcontext()
         with scope:
             writes = _deliver(members, batch, frame)
+            if local.waiting:
+                for kept in local.waiting.values():
+                    kept.extend(batch)
+            if local.catching:
+                self._deliver_catching(local, batch)
         self.stats.writes += writes
         self.stats.fanout += len(members) * len(batch)
         local.last_write = asyncio.get_running_loop().time()
@@ -181,6 +316,19 @@ class Hub:
             span.set_attribute("wsgateway.deliveries", len(members))
             span.end()
 
+    @staticmethod
+    def _deliver_catching(local: _Channel, batch: list[Outbound]) -> None:
+        """Subscribers that resumed ahead of the channel get only what follows their start."""
+        cursor = local.cursor
+        for session, (epoch, start) in list(local.catching.items()):
+            behind = cursor is not None and cursor.epoch == epoch
+            items = [i for i in batch if i.offset is None or i.offset > start] if behind else batch
+            if items:
+                session.deliver(items, b"".join([item.frame for item in items]))
+            if not behind or (cursor is not None and (cursor.offset or 0) >= start):
+                del local.catching[session]
+                local.members[session] = None
+
     def _log_malformed(self, channel: str, exc: MalformedEnvelope) -> None:
         # One line a second at most: a broken publisher must not flood the log.
         if self._malformed_log.ready():
@@ -192,36 +340,77 @@ class Hub:
                 sum(self.stats.malformed.values()),
             )
 
-    async def subscribe(self, session: Session, channel: str) -> None:
+    async def subscribe(
+        self, session: Session, channel: str, since: tuple[int, str] | None = None
+    ) -> Joined | None:
         """Add ``session`` to ``channel``; return once messages published from now on reach it.
 
-        Raises :class:`BackplaneUnavailable` (and leaves the session unsubscribed) when the
-        backplane cannot confirm the subscription.
+        On a history channel, return where the session starts and the messages it missed
+        since ``since`` (offset, epoch); the caller sends them right after its reply, before
+        any live message. Raises :class:`BackplaneUnavailable` (and leaves the session
+        unsubscribed) when the backplane cannot confirm the subscription or read the history.
         """
         if channel in session.channels:
-            return
+            return None
         local = self._channels.get(channel)
         if local is None:
-            local = self._channels[channel] = _Channel()
+            history = self.backplane.history_policy.applies(channel)
+            local = self._channels[channel] = _Channel(channel, history)
             local.pending = asyncio.create_task(
                 self.backplane.subscribe(channel), name=f"subscribe {channel}"
             )
             local.pending.add_done_callback(lambda task: self._settled(channel, local, task))
         session.channels.add(channel)
-        if local.pending is None:
+        if local.pending is not None:
+            local.joining.add(session)
+            try:
+                await asyncio.shield(local.pending)
+            except BackplaneUnavailable:
+                session.channels.discard(channel)
+                raise
+            if session not in local.joining:
+                return None  # it left while waiting
+            local.joining.discard(session)
+        if local.cursor is None:
             self._write(local)  # what arrived before this subscription is not for it
             local.members[session] = None
-            return
-        local.joining.add(session)
+            return None
+        return await self._join_history(session, local, since)
+
+    async def _join_history(
+        self, session: Session, local: _Channel, since: tuple[int, str] | None
+    ) -> Joined | None:
+        self._write(local)
+        kept: list[Outbound] = []
+        local.waiting[session] = kept
         try:
-            await asyncio.shield(local.pending)
+            page = await self.backplane.history(local.name, since[0] if since else _TOP)
         except BackplaneUnavailable:
-            session.channels.discard(channel)
+            local.waiting.pop(session, None)
+            await self.unsubscribe(session, local.name)
             raise
-        if session in local.joining:  # else it left while waiting
-            local.joining.discard(session)
-            self._write(local)
+        self._write(local)  # what is waiting now is in `kept` too
+        local.waiting.pop(session, None)
+        if local.name not in session.channels:
+            return None  # it left while reading
+        recovery = recover(page, since)
+        cursor = local.cursor
+        assert cursor is not None
+        if cursor.epoch is None:
+            cursor.epoch = recovery.epoch
+        replay: list[Outbound] = []
+        for _, payload in recovery.replay:
+            envelope = self._decode(local.name, payload)
+            if envelope is not None:
+                replay.append(message(envelope))
+        start = recovery.position
+        replay.extend(item for item in kept if item.offset is None or item.offset > start)
+        if cursor.epoch == recovery.epoch and (cursor.offset or 0) >= start:
             local.members[session] = None
+        else:
+            local.catching[session] = (recovery.epoch, start)
+        self.stats.history["replayed"] += len(recovery.replay)
+        return Joined(recovery, replay)
 
     async def unsubscribe(self, session: Session, channel: str) -> bool:
         """Remove ``session`` from ``channel``; False if it was not subscribed."""
@@ -232,9 +421,13 @@ class Hub:
         if local is not None:
             local.members.pop(session, None)
             local.joining.discard(session)
-            if not local.members and not local.joining:
+            local.waiting.pop(session, None)
+            local.catching.pop(session, None)
+            if not local.active and not local.joining:
                 if local.flush is not None:
                     local.flush.cancel()
+                if local.fetch is not None:
+                    local.fetch.cancel()
                 del self._channels[channel]
                 await self.backplane.unsubscribe(channel)
         return True

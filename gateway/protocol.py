@@ -13,7 +13,7 @@ import msgspec
 from websockets.frames import Frame, Opcode
 
 from gateway.envelope import Envelope
-from publisher.envelope import CHANNEL_MAX_LENGTH, is_valid_channel
+from publisher.envelope import CHANNEL_MAX_LENGTH, is_valid_channel, is_valid_epoch
 
 __all__ = [
     "Close",
@@ -23,6 +23,7 @@ __all__ = [
     "Publish",
     "Request",
     "RequestError",
+    "Since",
     "Subscribe",
     "Unsubscribe",
     "error",
@@ -30,6 +31,7 @@ __all__ = [
     "parse_channel_list",
     "parse_request",
     "reply",
+    "subscribed",
 ]
 
 
@@ -68,9 +70,17 @@ class RequestError(Exception):
 RequestId = Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]
 
 
+class Since(msgspec.Struct, frozen=True):
+    """The last message a client has of a history channel: resume after it."""
+
+    offset: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+    epoch: str
+
+
 class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", frozen=True):
     channel: str
     id: RequestId | None = None
+    since: Since | None = None
 
 
 class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op", frozen=True):
@@ -131,6 +141,12 @@ def parse_request(text: str) -> Request:
         raise RequestError(ErrorCode.BAD_REQUEST, f"not valid JSON: {exc}") from None
     if not isinstance(request, Ping) and not is_valid_channel(request.channel):
         raise RequestError(ErrorCode.BAD_REQUEST, _bad_channel(request.channel), request.id)
+    if isinstance(request, Subscribe) and request.since and not is_valid_epoch(request.since.epoch):
+        raise RequestError(
+            ErrorCode.BAD_REQUEST,
+            "since.epoch must be 1 to 64 characters from A-Z a-z 0-9 _ -",
+            request.id,
+        )
     return request
 
 
@@ -160,12 +176,13 @@ class Outbound:
     without compression the same bytes serve every subscriber.
     """
 
-    __slots__ = ("frame", "text", "ts")
+    __slots__ = ("frame", "offset", "text", "ts")
 
-    def __init__(self, text: bytes, ts: int | None = None) -> None:
+    def __init__(self, text: bytes, ts: int | None = None, offset: int | None = None) -> None:
         self.text = text
         self.frame = Frame(Opcode.TEXT, text).serialize(mask=False)
         self.ts = ts  # publish time of a message (unix ms); None for replies
+        self.offset = offset  # a history channel's message: its offset
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -179,10 +196,29 @@ class _Message(msgspec.Struct):
     ts: int
 
 
+class _HistoryMessage(msgspec.Struct):
+    op: str
+    channel: str
+    data: msgspec.Raw
+    mid: str
+    ts: int
+    offset: int
+    epoch: str
+
+
 class _Reply(msgspec.Struct, omit_defaults=True):
     op: str
     channel: str | None = None
     id: int | None = None
+
+
+class _Subscribed(msgspec.Struct, omit_defaults=True):
+    op: str
+    channel: str
+    id: int | None = None
+    recovered: bool | None = None
+    offset: int | None = None
+    epoch: str | None = None
 
 
 class _Error(msgspec.Struct):
@@ -196,15 +232,46 @@ _encode = msgspec.json.encode
 
 
 def message(envelope: Envelope) -> Outbound:
-    """The ``message`` frame for an envelope; ``data`` is copied byte for byte."""
-    return Outbound(
-        _encode(_Message("message", envelope.channel, envelope.data, envelope.mid, envelope.ts)),
+    """The ``message`` frame for an envelope; ``data`` is copied byte for byte.
+
+    A history channel's message carries its ``offset`` and ``epoch``.
+    """
+    if envelope.offset is None or envelope.epoch is None:
+        return Outbound(
+            _encode(
+                _Message("message", envelope.channel, envelope.data, envelope.mid, envelope.ts)
+            ),
+            envelope.ts,
+        )
+    frame = _HistoryMessage(
+        "message",
+        envelope.channel,
+        envelope.data,
+        envelope.mid,
         envelope.ts,
+        envelope.offset,
+        envelope.epoch,
+    )
+    return Outbound(_encode(frame), envelope.ts, envelope.offset)
+
+
+def subscribed(
+    channel: str,
+    request_id: int | None,
+    *,
+    recovered: bool | None = None,
+    offset: int | None = None,
+    epoch: str | None = None,
+) -> Outbound:
+    """The ``subscribed`` reply; on a history channel with the position the client starts
+    at (and, when it asked to resume, whether every missed message follows)."""
+    return Outbound(
+        _encode(_Subscribed("subscribed", channel, request_id, recovered, offset, epoch))
     )
 
 
 def reply(op: str, request_id: int | None, channel: str | None = None) -> Outbound:
-    """``subscribed``/``unsubscribed`` (with channel), ``published`` and ``pong``."""
+    """``unsubscribed`` (with channel), ``published`` and ``pong``."""
     return Outbound(_encode(_Reply(op, channel, request_id)))
 
 

@@ -41,6 +41,7 @@ from gateway.protocol import (
     parse_channel_list,
     parse_request,
     reply,
+    subscribed,
 )
 from gateway.session import Limits, Session, SessionConnection
 from gateway.settings import Settings
@@ -310,7 +311,9 @@ class Gateway:
         try:
             request = parse_request(text)
             if isinstance(request, Subscribe):
-                await self._subscribe(session, request.channel, request.id)
+                since = request.since
+                position = (since.offset, since.epoch) if since is not None else None
+                await self._subscribe(session, request.channel, request.id, position)
             elif isinstance(request, Unsubscribe):
                 await self.hub.unsubscribe(session, request.channel)
                 session.send(reply("unsubscribed", request.id, request.channel))
@@ -321,7 +324,13 @@ class Gateway:
         except RequestError as exc:
             session.send(error(exc))
 
-    async def _subscribe(self, session: Session, channel: str, request_id: int | None) -> None:
+    async def _subscribe(
+        self,
+        session: Session,
+        channel: str,
+        request_id: int | None,
+        since: tuple[int, str] | None = None,
+    ) -> None:
         if not session.access.can_subscribe(channel):
             raise RequestError(
                 ErrorCode.FORBIDDEN, f"not allowed to subscribe to {channel!r}", request_id
@@ -332,10 +341,26 @@ class Gateway:
                 ErrorCode.LIMIT, f"at most {limit} subscriptions per connection", request_id
             )
         try:
-            await self.hub.subscribe(session, channel)
+            joined = await self.hub.subscribe(session, channel, since)
         except BackplaneUnavailable as exc:
             raise RequestError(ErrorCode.UNAVAILABLE, str(exc), request_id) from None
-        session.send(reply("subscribed", request_id, channel))
+        if joined is None:
+            # Not a history channel (or already subscribed): nothing to resume from.
+            recovered = False if since is not None else None
+            session.send(subscribed(channel, request_id, recovered=recovered))
+            return
+        recovery = joined.recovery
+        session.send(
+            subscribed(
+                channel,
+                request_id,
+                recovered=recovery.recovered if since is not None else None,
+                offset=recovery.position,
+                epoch=recovery.epoch,
+            )
+        )
+        if joined.replay:
+            session.deliver(joined.replay, b"".join([item.frame for item in joined.replay]))
 
     async def _publish(self, session: Session, request: Publish) -> None:
         if not session.access.can_publish(request.channel):

@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from publisher.history import HistoryPolicy
+
 __all__ = ["ENV_PREFIX", "Settings", "SlowConsumerPolicy"]
 
 ENV_PREFIX = "GATEWAY_"
@@ -160,6 +162,24 @@ class Settings(BaseSettings):
     probe_timeout: Seconds = Field(
         3.0, description="seconds a probe may take before the Redis connection is replaced"
     )
+    history_channels: str = Field(
+        "",
+        description="comma-separated glob patterns of channels that keep history: their "
+        "messages carry offsets and clients can resume with 'since' (publishers need the same "
+        "patterns in PUBLISHER_HISTORY_CHANNELS)",
+    )
+    history_size: int = Field(1000, ge=1, description="messages kept per history channel")
+    history_ttl: Seconds = Field(300.0, description="seconds a history message is kept")
+    history_retention: Seconds = Field(
+        86400.0,
+        description="seconds a silent history channel keeps its stream and epoch; after that "
+        "its offsets restart in a new epoch",
+    )
+    demo_page: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="the browser demo page at /: auto serves it on the embedded memory "
+        "backplane only",
+    )
     metrics: Literal["on", "off"] = Field(
         "on", description="the Prometheus /metrics endpoint on the gateway's port"
     )
@@ -169,7 +189,13 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field("info", description="debug, info, warning or error")
 
     @field_validator(
-        "log_level", "log_format", "metrics", "slow_consumer_policy", "compression", mode="before"
+        "log_level",
+        "log_format",
+        "metrics",
+        "demo_page",
+        "slow_consumer_policy",
+        "compression",
+        mode="before",
     )
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
@@ -216,6 +242,14 @@ class Settings(BaseSettings):
         if self.shutdown_timeout <= self.drain_seconds:
             raise ValueError("shutdown_timeout must be longer than drain_seconds")
         return self
+
+    def history(self) -> HistoryPolicy:
+        return HistoryPolicy(
+            patterns=self.patterns(self.history_channels),
+            size=self.history_size,
+            ttl=self.history_ttl,
+            retention=self.history_retention,
+        )
 
     @staticmethod
     def patterns(value: str) -> tuple[str, ...]:

@@ -28,6 +28,10 @@ class Stats:
     stalled: int = 0  # sessions cut off after stall_timeout with a full transport
     refused: Counter[str] = field(default_factory=Counter)  # handshakes refused, by reason
     malformed: Counter[str] = field(default_factory=Counter)  # by reason
+    #: History channels, by event: replayed (to resuming clients), filled (read from the
+    #: stream to fill a gap or an outage), duplicate (dropped), lost (gone from the stream
+    #: before it could be read), unnumbered (a publisher that does not append).
+    history: Counter[str] = field(default_factory=Counter)
     # Histogram recorders for the congested path, plugged in by the telemetry.
     record_queue_depth: Callable[[int], object] = field(default=lambda depth: None)
     record_latency: Callable[[float], object] = field(default=lambda seconds: None)

@@ -160,6 +160,9 @@ class Telemetry:
              "messages received from the backplane"),
             (counter, "messages.malformed", by(lambda: stats.malformed, "reason"), "{message}",
              "malformed envelopes dropped, by reason"),
+            (counter, "history", by(lambda: stats.history, "event"), "{message}",
+             "history channel messages, by event: replayed, filled, duplicate, lost, "
+             "unnumbered"),
             (counter, "deliveries", one(lambda: stats.fanout), "{delivery}",
              "messages handed to clients (written or queued)"),
             (counter, "writes", one(lambda: stats.writes), "{write}",

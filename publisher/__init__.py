@@ -6,6 +6,14 @@
 """
 
 from publisher.client import AsyncPublisher, Publisher
-from publisher.envelope import Envelope, EnvelopeError, build_envelope
+from publisher.envelope import EnvelopeError, EnvelopeV1, EnvelopeV2, build_envelope, parse_envelope
 
-__all__ = ["AsyncPublisher", "Envelope", "EnvelopeError", "Publisher", "build_envelope"]
+__all__ = [
+    "AsyncPublisher",
+    "EnvelopeError",
+    "EnvelopeV1",
+    "EnvelopeV2",
+    "Publisher",
+    "build_envelope",
+    "parse_envelope",
+]

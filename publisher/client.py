@@ -18,6 +18,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind
 
 from publisher.envelope import MAX_ENVELOPE_BYTES, build_envelope, check_channel, new_mid
+from publisher.history import APPEND_LUA, HistoryPolicy, history_keys
 from publisher.settings import PublisherSettings
 
 __all__ = ["AsyncPublisher", "Publisher"]
@@ -31,10 +32,14 @@ class _Base:
         prefix: str | None = None,
         max_envelope_bytes: int = MAX_ENVELOPE_BYTES,
         tracer_provider: trace.TracerProvider | None = None,
+        history: HistoryPolicy | None = None,
     ) -> None:
         defaults = PublisherSettings()
         self.redis_url = redis_url or defaults.redis_url
         self.prefix = defaults.channel_prefix if prefix is None else prefix
+        #: Channels matching it are appended to their stream and numbered, atomically with
+        #: the PUBLISH (publisher.history); default: the PUBLISHER_HISTORY_* settings.
+        self.history = defaults.history() if history is None else history
         self.max_envelope_bytes = max_envelope_bytes
         self._tracer = trace.get_tracer("wsgateway.publisher", tracer_provider=tracer_provider)
 
@@ -68,6 +73,21 @@ class _Base:
             )
             yield span, (self.prefix + channel).encode(), envelope
 
+    def _append(self, channel: str, key: bytes, envelope: bytes) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the history append script for one message."""
+        return list(history_keys(self.prefix, channel)), self.history.append_args(
+            key.decode(), envelope
+        )
+
+    @staticmethod
+    def _appended(span: Span, result: list[Any]) -> int:
+        offset, epoch, receivers = result
+        span.set_attribute("wsgateway.history.offset", int(offset))
+        span.set_attribute(
+            "wsgateway.history.epoch", epoch.decode() if isinstance(epoch, bytes) else epoch
+        )
+        return int(receivers)
+
 
 class Publisher(_Base):
     """Blocking publisher for scripts and sync services."""
@@ -75,10 +95,14 @@ class Publisher(_Base):
     def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(redis_url, **kwargs)
         self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+        self._append_script = self._redis.register_script(APPEND_LUA)
 
     def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
         """Publish ``data`` (any JSON value) to ``channel``; return how many gateways got it."""
         with self._sending(channel, data, mid) as (span, key, envelope):
+            if self.history.applies(channel):
+                keys, args = self._append(channel, key, envelope)
+                return self._appended(span, self._append_script(keys, args))
             receivers = int(self._redis.publish(key, envelope))
             span.set_attribute("wsgateway.receivers", receivers)
             return receivers
@@ -104,10 +128,14 @@ class AsyncPublisher(_Base):
     def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(redis_url, **kwargs)
         self._redis = redis.asyncio.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+        self._append_script = self._redis.register_script(APPEND_LUA)
 
     async def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
         """Publish ``data`` (any JSON value) to ``channel``; return how many gateways got it."""
         with self._sending(channel, data, mid) as (span, key, envelope):
+            if self.history.applies(channel):
+                keys, args = self._append(channel, key, envelope)
+                return self._appended(span, await self._append_script(keys, args))
             receivers = int(await self._redis.publish(key, envelope))
             span.set_attribute("wsgateway.receivers", receivers)
             return receivers

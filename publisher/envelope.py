@@ -1,9 +1,11 @@
 """The publishing contract: the envelope every message travels in through Redis.
 
 A message for channel ``C`` is a ``PUBLISH`` on Redis channel ``<prefix>C`` of the UTF-8 JSON
-encoding of :class:`Envelope`. This module is the single source of the rules (channel names,
-identifier and size limits); the gateway's fast decoder reuses these constants, and
-``docs/envelope.schema.json`` is generated from :class:`Envelope`.
+encoding of an envelope: version 1 (:class:`EnvelopeV1`), or version 2 (:class:`EnvelopeV2`),
+which is version 1 plus the ``offset`` and ``epoch`` of a history channel's message, written by
+the append script of :mod:`publisher.history`. This module is the single source of the rules
+(channel names, identifier and size limits); the gateway's fast decoder reuses these constants,
+and ``docs/envelope.schema.json`` is generated from :data:`Envelope`.
 """
 
 from __future__ import annotations
@@ -14,22 +16,36 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 __all__ = [
     "CHANNEL_MAX_LENGTH",
     "CHANNEL_PATTERN",
+    "EPOCH_PATTERN",
     "MAX_ENVELOPE_BYTES",
     "MID_MAX_LENGTH",
     "TRACEPARENT_PATTERN",
     "Envelope",
     "EnvelopeError",
+    "EnvelopeV1",
+    "EnvelopeV2",
     "build_envelope",
     "check_channel",
     "is_valid_channel",
+    "is_valid_epoch",
     "is_valid_mid",
     "is_valid_traceparent",
     "new_mid",
+    "parse_envelope",
 ]
 
 CHANNEL_MAX_LENGTH = 128
@@ -40,6 +56,8 @@ MID_PATTERN = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces: safe in log
 #: W3C trace context ``version-traceid-parentid-flags``.
 TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 TRACESTATE_MAX_LENGTH = 512
+#: A history channel's epoch: changes whenever its stream is lost and offsets restart.
+EPOCH_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 #: Default ceiling on one encoded envelope; larger messages belong in object storage.
 MAX_ENVELOPE_BYTES = 1024 * 1024
 
@@ -52,6 +70,7 @@ class EnvelopeError(ValueError):
 
 _mid_re = re.compile(MID_PATTERN)
 _traceparent_re = re.compile(TRACEPARENT_PATTERN)
+_epoch_re = re.compile(EPOCH_PATTERN)
 
 
 # fullmatch, not the patterns' "$": Python's "$" also matches before a trailing newline.
@@ -67,6 +86,10 @@ def is_valid_traceparent(value: object) -> bool:
     return isinstance(value, str) and _traceparent_re.fullmatch(value) is not None
 
 
+def is_valid_epoch(value: object) -> bool:
+    return isinstance(value, str) and _epoch_re.fullmatch(value) is not None
+
+
 def check_channel(channel: object) -> str:
     if not is_valid_channel(channel):
         raise EnvelopeError(
@@ -80,7 +103,7 @@ def check_channel(channel: object) -> str:
 Channel = Annotated[str, Field(pattern=CHANNEL_PATTERN, description="channel name, without prefix")]
 
 
-class Envelope(BaseModel):
+class EnvelopeV1(BaseModel):
     """Version 1 of the envelope. Unknown fields are ignored so later versions can add some."""
 
     model_config = ConfigDict(
@@ -131,6 +154,53 @@ class Envelope(BaseModel):
         return value
 
 
+class EnvelopeV2(EnvelopeV1):
+    """Version 2: a message of a history channel, numbered by the append script."""
+
+    model_config = ConfigDict(
+        title="wsgateway envelope v2",
+        json_schema_extra={
+            "description": "Version 1 plus the message's place in its channel's history: "
+            "written by the history append script (publisher/history.py), never by hand."
+        },
+    )
+
+    v: Literal[2] = Field(description="envelope version")  # type: ignore[assignment]
+    offset: int = Field(ge=1, description="position in the channel's history, from 1")
+    epoch: str = Field(
+        pattern=EPOCH_PATTERN,
+        description="the history's identity: a new epoch means offsets restarted",
+    )
+
+
+def _version(value: Any) -> str | None:
+    version = value.get("v") if isinstance(value, dict) else getattr(value, "v", None)
+    if isinstance(version, bool) or version not in (1, 2):
+        return None  # JSON's true is not the number 1
+    return str(int(version))
+
+
+#: Either version, told apart by ``v``.
+Envelope = Annotated[
+    Annotated[EnvelopeV1, Tag("1")] | Annotated[EnvelopeV2, Tag("2")],
+    Discriminator(
+        _version,
+        custom_error_type="envelope_version",
+        custom_error_message="v must be 1 or 2",
+    ),
+]
+_envelope_adapter: TypeAdapter[EnvelopeV1 | EnvelopeV2] = TypeAdapter(Envelope)
+
+
+def parse_envelope(payload: bytes | str, *, strict: bool = False) -> EnvelopeV1 | EnvelopeV2:
+    """Validate an encoded envelope of either version (raises pydantic's ValidationError)."""
+    return _envelope_adapter.validate_json(payload, strict=strict)
+
+
+def envelope_json_schema() -> dict[str, Any]:
+    return _envelope_adapter.json_schema(mode="validation")
+
+
 def new_mid() -> str:
     return uuid.uuid4().hex
 
@@ -152,7 +222,7 @@ def build_envelope(
     """Validate and encode one envelope; raise :class:`EnvelopeError` on any bad input."""
     check_channel(channel)
     try:
-        envelope = Envelope(
+        envelope = EnvelopeV1(
             v=1,
             channel=channel,
             data=data,

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 
-from publisher.envelope import Envelope
+from publisher.envelope import envelope_json_schema
 
 __all__ = ["envelope_schema"]
 
 
 def envelope_schema() -> str:
-    schema = Envelope.model_json_schema(mode="validation")
+    schema = envelope_json_schema()
+    schema["title"] = "wsgateway envelope"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway.envelope import MalformedEnvelope, decode_envelope
-from publisher.envelope import Envelope, EnvelopeError, build_envelope
+from publisher.envelope import EnvelopeError, build_envelope, parse_envelope
 from publisher.schema import envelope_schema
 
 SCHEMA_FILE = Path(__file__).parent.parent / "docs" / "envelope.schema.json"
@@ -29,7 +29,7 @@ def test_build_and_decode_round_trip() -> None:
     encoded = build_envelope("prices.eur", data, mid="abc", ts=1234)
     envelope = decode_envelope(encoded, "prices.eur")
     assert json.loads(bytes(envelope.data)) == data
-    assert (envelope.mid, envelope.ts, envelope.v) == ("abc", 1234, 1)
+    assert (envelope.mid, envelope.ts, envelope.offset) == ("abc", 1234, None)
 
 
 def test_build_generates_mid_and_ts() -> None:
@@ -75,7 +75,12 @@ GOOD = {"v": 1, "channel": "news", "data": {"a": 1}, "mid": "m", "ts": 5}
         (b'{"v":1,"channel":"news","data":1,"mid":"m","ts":5} trailing', "json"),
         (b'{"v":1,"channel":"news","data":NaN,"mid":"m","ts":5}', "json"),
         (b"[]", "schema"),
-        (json.dumps({**GOOD, "v": 2}).encode(), "schema"),
+        (json.dumps({**GOOD, "v": 3}).encode(), "schema"),
+        (json.dumps({**GOOD, "v": 2}).encode(), "schema"),  # version 2 without a position
+        (json.dumps({**GOOD, "v": 2, "offset": 1}).encode(), "schema"),
+        (json.dumps({**GOOD, "v": 2, "offset": 0, "epoch": "e"}).encode(), "schema"),
+        (json.dumps({**GOOD, "v": 2, "offset": "1", "epoch": "e"}).encode(), "schema"),
+        (json.dumps({**GOOD, "v": 2, "offset": 1, "epoch": "a b"}).encode(), "schema"),
         (json.dumps({**GOOD, "ts": -1}).encode(), "schema"),
         (json.dumps({**GOOD, "ts": "5"}).encode(), "schema"),
         (json.dumps({k: v for k, v in GOOD.items() if k != "data"}).encode(), "schema"),
@@ -90,6 +95,20 @@ def test_decode_refuses_malformed(payload: bytes, reason: str) -> None:
     with pytest.raises(MalformedEnvelope) as caught:
         decode_envelope(payload, "news")
     assert caught.value.reason == reason
+
+
+def test_version_2_carries_offset_and_epoch() -> None:
+    payload = json.dumps({**GOOD, "v": 2, "offset": 7, "epoch": "e-1"}).encode()
+    envelope = decode_envelope(payload, "news")
+    assert (envelope.offset, envelope.epoch) == (7, "e-1")
+    model = parse_envelope(payload, strict=True)
+    assert (model.v, getattr(model, "offset", None)) == (2, 7)
+
+
+def test_version_1_ignores_a_position_like_any_unknown_field() -> None:
+    payload = json.dumps({**GOOD, "offset": "junk", "epoch": 3}).encode()
+    assert decode_envelope(payload, "news").offset is None
+    assert parse_envelope(payload, strict=True).v == 1
 
 
 def test_decode_ignores_unknown_fields() -> None:
@@ -129,8 +148,10 @@ ALTERNATIVES: dict[str, st.SearchStrategy[Any]] = {
     "traceparent": st.sampled_from([None, "00-" + "a" * 32 + "-" + "b" * 16 + "-01"])
     | field_values,
     "tracestate": st.sampled_from([None, "k=v", "x" * 513]) | field_values,
+    "offset": st.sampled_from([1, 7, 0, -3, 2**53, 1.0, "4", True]) | field_values,
+    "epoch": st.sampled_from(["e1", "ab_CD-9", "", "a b", "x" * 65, "é"]) | field_values,
 }
-VALID = {**GOOD, "traceparent": None, "tracestate": None}
+VALID = {**GOOD, "traceparent": None, "tracestate": None, "offset": None, "epoch": None}
 
 
 @st.composite
@@ -152,7 +173,7 @@ def test_gateway_reader_agrees_with_the_model(candidate: dict[str, Any]) -> None
     """Whatever the model accepts the gateway delivers, and whatever it refuses is malformed."""
     payload = json.dumps(candidate).encode()
     try:
-        model = Envelope.model_validate_json(payload, strict=True)
+        model = parse_envelope(payload, strict=True)
         model_ok = model.channel == "news"
     except ValidationError:
         model_ok = False

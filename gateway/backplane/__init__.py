@@ -16,7 +16,7 @@ def create_backplane(settings: Settings, on_message: OnMessage) -> Backplane:
     if settings.redis_url is None:
         from gateway.backplane.memory import MemoryBackplane
 
-        return MemoryBackplane(on_message)
+        return MemoryBackplane(on_message, settings.history())
     from gateway.backplane.redis import RedisBackplane
 
     return RedisBackplane(
@@ -28,4 +28,5 @@ def create_backplane(settings: Settings, on_message: OnMessage) -> Backplane:
         reconnect_max=settings.reconnect_max,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
+        history=settings.history(),
     )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
+from gateway.history import Page
+from publisher.history import HistoryPolicy
+
 __all__ = ["Backplane", "BackplaneUnavailable", "OnMessage"]
 
 #: Called with (channel without prefix, envelope bytes) for every message received. It must
@@ -23,8 +26,14 @@ class Backplane(abc.ABC):
     reconnects: int = 0
     outage_seconds: float = 0.0
 
-    def __init__(self, on_message: OnMessage) -> None:
+    #: Called after the backplane comes back from an outage: what was published meanwhile
+    #: never arrived, and the hub fills it in from the history channels' streams.
+    on_resume: Callable[[], None] | None = None
+
+    def __init__(self, on_message: OnMessage, history: HistoryPolicy | None = None) -> None:
         self.on_message = on_message
+        #: Which channels keep history: publish() numbers and stores their messages.
+        self.history_policy = history or HistoryPolicy()
 
     @property
     @abc.abstractmethod
@@ -57,7 +66,15 @@ class Backplane(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, channel: str, envelope: bytes) -> int:
-        """Publish an encoded envelope; return how many replicas received it.
+        """Publish an encoded (version 1) envelope; return how many replicas received it.
+
+        On a history channel the message is numbered and stored in the same step.
+        Raises :class:`BackplaneUnavailable` when the backplane is down.
+        """
+
+    @abc.abstractmethod
+    async def history(self, channel: str, after: int) -> Page:
+        """The retained messages of ``channel`` after offset ``after``, read atomically.
 
         Raises :class:`BackplaneUnavailable` when the backplane is down.
         """

@@ -1,18 +1,39 @@
-"""In-process backplane: one replica, nothing to install, messages never leave the process."""
+"""In-process backplane: one replica, nothing to install, messages never leave the process.
+
+History lives in the process too: it survives client reconnects, not a restart (a restarted
+replica starts a new epoch, so clients learn that their position is gone).
+"""
 
 from __future__ import annotations
 
+import collections
+import time
+
 from gateway.backplane.base import Backplane, OnMessage
+from gateway.history import Page
+from publisher.history import HistoryPolicy, new_epoch, numbered
 
 __all__ = ["MemoryBackplane"]
+
+
+class _Stream:
+    __slots__ = ("entries", "epoch", "offset", "used")
+
+    def __init__(self, size: int) -> None:
+        self.used = 0.0  # monotonic time of the last publish or read
+        self.epoch = new_epoch()  # a forgotten and recreated stream must not reuse offsets
+        self.offset = 0
+        self.entries: collections.deque[tuple[int, bytes, float]] = collections.deque(maxlen=size)
 
 
 class MemoryBackplane(Backplane):
     name = "memory"
 
-    def __init__(self, on_message: OnMessage) -> None:
-        super().__init__(on_message)
+    def __init__(self, on_message: OnMessage, history: HistoryPolicy | None = None) -> None:
+        super().__init__(on_message, history)
         self._channels: set[str] = set()
+        # Least recently published first, so silent channels past retention are forgotten.
+        self._streams: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
 
     @property
     def connected(self) -> bool:
@@ -35,7 +56,39 @@ class MemoryBackplane(Backplane):
         self._channels.discard(channel)
 
     async def publish(self, channel: str, envelope: bytes) -> int:
+        policy = self.history_policy
+        if policy.applies(channel):
+            now = time.monotonic()
+            stream = self._stream(channel, now)
+            stream.offset += 1
+            envelope = numbered(envelope, stream.offset, stream.epoch)
+            stream.entries.append((stream.offset, envelope, now))
+            while stream.entries and stream.entries[0][2] < now - policy.ttl:
+                stream.entries.popleft()
         if channel not in self._channels:
             return 0
         self.on_message(channel, envelope)
         return 1
+
+    def _stream(self, channel: str, now: float) -> _Stream:
+        """The channel's stream, made if needed; streams silent past retention are dropped."""
+        streams = self._streams
+        retention = max(self.history_policy.retention, self.history_policy.ttl)
+        while streams:
+            oldest = next(iter(streams.values()))
+            if oldest.used >= now - retention:
+                break
+            streams.popitem(last=False)
+        stream = streams.get(channel)
+        if stream is None:
+            stream = streams[channel] = _Stream(self.history_policy.size)
+        streams.move_to_end(channel)
+        stream.used = now
+        return stream
+
+    async def history(self, channel: str, after: int) -> Page:
+        now = time.monotonic()
+        stream = self._stream(channel, now)
+        cutoff = now - self.history_policy.ttl
+        entries = [(o, e) for o, e, t in stream.entries if o > after and t >= cutoff]
+        return Page(stream.epoch, stream.offset, entries)

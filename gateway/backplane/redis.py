@@ -32,6 +32,8 @@ from redis.exceptions import RedisError
 
 from gateway.backoff import full_jitter
 from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage
+from gateway.history import Page
+from publisher.history import APPEND_LUA, READ_LUA, HistoryPolicy, history_keys
 
 __all__ = ["RedisBackplane"]
 
@@ -60,8 +62,9 @@ class RedisBackplane(Backplane):
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
         connect_timeout: float = 5.0,
+        history: HistoryPolicy | None = None,
     ) -> None:
-        super().__init__(on_message)
+        super().__init__(on_message, history)
         self.prefix = prefix
         self._prefix = prefix.encode()
         self.subscribe_timeout = subscribe_timeout
@@ -83,6 +86,8 @@ class RedisBackplane(Backplane):
         self._redis = Redis(
             connection_pool=ConnectionPool.from_url(url, retry=Retry(NoBackoff(), 1), **options)
         )
+        self._append_script = self._redis.register_script(APPEND_LUA)
+        self._read_script = self._redis.register_script(READ_LUA)
         # A channel no client can name ("#" is not allowed in channel names): it keeps the
         # connection in subscribe mode, its confirmation marks the end of a (re)subscribe, and
         # the probes travel through it.
@@ -159,7 +164,36 @@ class RedisBackplane(Backplane):
 
     async def publish(self, channel: str, envelope: bytes) -> int:
         try:
+            policy = self.history_policy
+            if policy.applies(channel):
+                keys = history_keys(self.prefix, channel)
+                args = policy.append_args(self.prefix + channel, envelope)
+                _, _, receivers = await self._append_script(keys, args)
+                return int(receivers)
             return int(await self._redis.publish(self._key(channel), envelope))
+        except _LOST as exc:
+            raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
+
+    async def history(self, channel: str, after: int) -> Page:
+        """Read in pages of ``history_policy.size`` until the top; each page is atomic, and a
+        change of epoch between pages makes the result the new epoch's top with no entries."""
+        keys = history_keys(self.prefix, channel)
+        entries: list[tuple[int, bytes]] = []
+        epoch: str | None = None
+        try:
+            while True:
+                raw_epoch, top, raw_entries = await self._read_script(
+                    keys, self.history_policy.read_args(after, self.history_policy.size)
+                )
+                page_epoch = raw_epoch.decode()
+                if epoch is not None and page_epoch != epoch:
+                    return Page(page_epoch, int(top))
+                epoch = page_epoch
+                for entry_id, fields in raw_entries:
+                    entries.append((int(entry_id.split(b"-", 1)[1]), fields[1]))
+                if not raw_entries or entries[-1][0] >= int(top):
+                    return Page(epoch, int(top), entries)
+                after = entries[-1][0]
         except _LOST as exc:
             raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
 
@@ -212,6 +246,8 @@ class RedisBackplane(Backplane):
             log.info(
                 "reconnected to Redis after %.2fs; %d channels re-subscribed", outage, len(wanted)
             )
+            if self.on_resume is not None:
+                self.on_resume()
         for channel in wanted - self._wanted:  # left while we were reconnecting
             await self.unsubscribe(channel)
 

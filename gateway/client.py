@@ -1,0 +1,295 @@
+"""An asyncio client for the gateway that reconnects by itself and resumes where it left off.
+
+>>> async with Client("ws://localhost:8765/ws", ["news"]) as client:
+...     async for event in client:
+...         match event:
+...             case Message(channel=channel, data=data):
+...                 print(channel, data)
+...             case Resync(channel=channel):
+...                 ...  # messages of `channel` were missed: reload its state elsewhere
+
+One task per connection reads every frame. When the connection drops, the client waits a
+capped exponential backoff with full jitter and reconnects (to the next URL, if several were
+given); the backoff resets only once a connection has stayed up for ``stable_after`` seconds,
+so a server that accepts and drops at once is not hammered. On reconnecting it subscribes
+again, giving each history channel the position of the last message it received, and the
+gateway replays what it missed. When that is impossible (the gateway answers
+``recovered: false``, the offsets jump, or the epoch changes) the iteration yields a
+:class:`Resync` for the channel before its next message. Messages are never yielded twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from gateway.backoff import full_jitter
+
+__all__ = ["Client", "ClientError", "Message", "Resync"]
+
+log = logging.getLogger("gateway.client")
+
+Token = str | Callable[[], str | Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    channel: str
+    data: Any
+    mid: str
+    ts: int  # publish time, unix ms
+    offset: int | None = None  # history channels only
+    epoch: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Messages of ``channel`` were missed and cannot be replayed.
+
+    ``reason``: ``not_recovered`` (the gateway could not replay from the last position: too
+    old, or the channel's history was lost), ``gap`` (offsets jumped) or ``epoch`` (the
+    channel's history restarted).
+    """
+
+    channel: str
+    reason: str
+
+
+Event = Message | Resync
+
+
+class ClientError(Exception):
+    """A request the gateway refused (``code`` as in the protocol), or a handshake refused
+    for good (401, 403, 404 with a fixed token)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+_FATAL_STATUS = (401, 403, 404)
+
+
+class Client:
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        channels: Iterable[str] = (),
+        *,
+        token: Token | None = None,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+        stable_after: float = 10.0,
+        queue_size: int = 1024,
+        open_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.urls = [url] if isinstance(url, str) else list(url)
+        self.channels: dict[str, None] = dict.fromkeys(channels)  # ordered set
+        self.token = token
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.stable_after = stable_after
+        self.open_timeout = open_timeout
+        self.ping_interval = ping_interval
+        self._rng = rng or random.Random()
+        #: The last message received of each history channel: (offset, epoch).
+        self.positions: dict[str, tuple[int, str]] = {}
+        self.connects = 0  # connections opened, the first one included
+        self.connected = asyncio.Event()
+        self._events: asyncio.Queue[Event | BaseException] = asyncio.Queue(queue_size)
+        self._ws: ClientConnection | None = None
+        self._ids = itertools.count(1)
+        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # Life
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="gateway client")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._events.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    # Requests
+
+    async def subscribe(self, channel: str) -> None:
+        """Add ``channel``; subscribed now if connected, and on every reconnect."""
+        self.channels[channel] = None
+        if self._ws is not None:
+            await self._send_subscribe(self._ws, channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self.channels.pop(channel, None)
+        self.positions.pop(channel, None)
+        if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(json.dumps({"op": "unsubscribe", "channel": channel}))
+
+    async def publish(self, channel: str, data: Any, *, timeout: float = 10.0) -> None:
+        """Publish through the gateway (where it allows clients to); raise ClientError if
+        refused, ConnectionError if not connected."""
+        ws = self._ws
+        if ws is None:
+            raise ConnectionError("not connected to the gateway")
+        request_id = next(self._ids)
+        reply = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = reply
+        try:
+            payload = {"op": "publish", "channel": channel, "data": data, "id": request_id}
+            await ws.send(json.dumps(payload))
+            async with asyncio.timeout(timeout):
+                answer = await reply
+        finally:
+            self._replies.pop(request_id, None)
+        if answer.get("op") == "error":
+            raise ClientError(answer.get("code", "error"), answer.get("message", ""))
+
+    # The connection
+
+    async def _run(self) -> None:
+        attempt = 0
+        loop = asyncio.get_running_loop()
+        for number in itertools.count():
+            url = self.urls[number % len(self.urls)]
+            opened_at: float | None = None
+            try:
+                headers = {}
+                if self.token is not None:
+                    headers["Authorization"] = f"Bearer {await self._token()}"
+                async with connect(
+                    url,
+                    additional_headers=headers,
+                    open_timeout=self.open_timeout,
+                    ping_interval=self.ping_interval,
+                    max_size=None,
+                ) as ws:
+                    opened_at = loop.time()
+                    self.connects += 1
+                    self._ws = ws
+                    self.connected.set()
+                    for channel in list(self.channels):
+                        await self._send_subscribe(ws, channel)
+                    async for frame in ws:
+                        await self._handle(ws, frame)
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in _FATAL_STATUS and not callable(self.token):
+                    await self._events.put(ClientError(f"http_{status}", str(exc)))
+                    return
+                log.info("handshake refused (%d); reconnecting", status)
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
+                log.info("connection to %s lost: %s", url, exc)
+            finally:
+                self._ws = None
+                self.connected.clear()
+                for reply in self._replies.values():
+                    if not reply.done():
+                        reply.set_exception(ConnectionError("connection lost"))
+            if self._closing:
+                return
+            if opened_at is not None and loop.time() - opened_at >= self.stable_after:
+                attempt = 0  # it stayed up: a fresh failure starts the backoff over
+            delay = full_jitter(attempt, self.backoff_min, self.backoff_max, self._rng)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _token(self) -> str:
+        token = self.token
+        if callable(token):
+            value = token()
+            return await value if isinstance(value, Awaitable) else value
+        assert token is not None
+        return token
+
+    async def _send_subscribe(self, ws: ClientConnection, channel: str) -> None:
+        request: dict[str, Any] = {"op": "subscribe", "channel": channel}
+        position = self.positions.get(channel)
+        if position is not None:
+            request["since"] = {"offset": position[0], "epoch": position[1]}
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(json.dumps(request))
+
+    async def _handle(self, ws: ClientConnection, frame: str | bytes) -> None:
+        reply = json.loads(frame)
+        op = reply.get("op")
+        if op == "message":
+            await self._message(reply)
+        elif op == "subscribed":
+            channel = reply["channel"]
+            if reply.get("recovered") is False:
+                await self._events.put(Resync(channel, "not_recovered"))
+            if reply.get("epoch") is not None and reply.get("recovered") is not True:
+                self.positions[channel] = (reply["offset"], reply["epoch"])
+        elif op in ("published", "error") and reply.get("id") in self._replies:
+            future = self._replies[reply["id"]]
+            if not future.done():
+                future.set_result(reply)
+        elif op == "error":
+            if reply.get("code") == "unavailable":
+                # That replica lost its backplane: try again, maybe elsewhere.
+                await ws.close(1000, "backplane unavailable")
+            else:
+                await self._events.put(ClientError(reply.get("code", ""), reply.get("message")))
+
+    async def _message(self, frame: dict[str, Any]) -> None:
+        channel = frame["channel"]
+        offset, epoch = frame.get("offset"), frame.get("epoch")
+        if offset is not None and epoch is not None:
+            last = self.positions.get(channel)
+            if last is not None:
+                if epoch == last[1] and offset <= last[0]:
+                    return  # already yielded
+                if epoch != last[1]:
+                    await self._events.put(Resync(channel, "epoch"))
+                elif offset > last[0] + 1:
+                    await self._events.put(Resync(channel, "gap"))
+            self.positions[channel] = (offset, epoch)
+        await self._events.put(
+            Message(
+                channel, frame.get("data"), frame.get("mid", ""), frame.get("ts", 0), offset, epoch
+            )
+        )
