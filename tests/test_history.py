@@ -1,0 +1,275 @@
+"""History channels: the pure rules, the Redis scripts, and resuming through real gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from gateway.history import Cursor, Page, Verdict, recover
+from publisher import Publisher
+from publisher.envelope import build_envelope, parse_envelope
+from publisher.history import APPEND_LUA, HistoryPolicy, history_keys, numbered
+from tests.harness import GatewayFactory, GatewayProcess, RedisServer, client, recv_json, request
+
+# The rules, without sockets
+
+
+def test_no_position_starts_at_the_top() -> None:
+    page = Page("e", 7, [])
+    recovery = recover(page, None)
+    assert (recovery.recovered, recovery.position, recovery.epoch, recovery.replay) == (
+        False,
+        7,
+        "e",
+        [],
+    )
+
+
+@pytest.mark.parametrize(
+    ("page", "since", "recovered"),
+    [
+        (Page("e", 5, [(4, b"4"), (5, b"5")]), (3, "e"), True),
+        (Page("e", 5, []), (5, "e"), True),  # nothing missed
+        (Page("e", 5, [(5, b"5")]), (3, "e"), False),  # 4 was trimmed
+        (Page("e", 5, [(4, b"4"), (5, b"5")]), (3, "old"), False),  # the stream restarted
+        (Page("e", 5, []), (9, "e"), False),  # a position from the future
+        (Page(None, 0, []), (3, "e"), False),  # no history at all
+        (Page("e", 6, [(4, b"4"), (5, b"5")]), (3, "e"), False),  # the read stopped short
+    ],
+)
+def test_recover(page: Page, since: tuple[int, str], recovered: bool) -> None:
+    recovery = recover(page, since)
+    assert recovery.recovered is recovered
+    assert recovery.position == page.top
+    assert recovery.replay == (page.entries if recovered else [])
+
+
+def test_cursor_delivers_once_in_order_and_sees_gaps() -> None:
+    cursor = Cursor()
+    assert cursor.check("e", 4) is Verdict.DELIVER  # the first one seen
+    cursor.advance("e", 4)
+    assert cursor.check("e", 5) is Verdict.DELIVER
+    assert cursor.check("e", 4) is Verdict.DUPLICATE
+    assert cursor.check("e", 3) is Verdict.DUPLICATE
+    assert cursor.check("e", 7) is Verdict.GAP
+    assert cursor.check("f", 1) is Verdict.DELIVER  # a new epoch from its start
+    assert cursor.check("f", 2) is Verdict.GAP  # a new epoch, its first message missed
+    assert (cursor.after("e"), cursor.after("f")) == (4, 0)
+
+
+def test_numbered_turns_version_1_into_version_2() -> None:
+    envelope = build_envelope("news", {"a": [1]}, mid="m", ts=5)
+    model = parse_envelope(numbered(envelope, 12, "ep"), strict=True)
+    assert model.model_dump() == {
+        "v": 2,
+        "channel": "news",
+        "data": {"a": [1]},
+        "mid": "m",
+        "ts": 5,
+        "traceparent": None,
+        "tracestate": None,
+        "offset": 12,
+        "epoch": "ep",
+    }
+    with pytest.raises(ValueError, match='v":1'):
+        numbered(b'{"channel":"news","v":1}', 1, "ep")
+
+
+# The Redis scripts
+
+
+def _append(r: redis.Redis, policy: HistoryPolicy, channel: str, data: Any) -> list[Any]:
+    script = r.register_script(APPEND_LUA)
+    keys = list(history_keys("ws:", channel))
+    result: list[Any] = script(
+        keys, policy.append_args("ws:" + channel, build_envelope(channel, data))
+    )
+    return result
+
+
+def test_append_script_numbers_stores_trims_and_publishes(redis_server: RedisServer) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    policy = HistoryPolicy(("*",), size=3, ttl=60)
+    subscriber = r.pubsub()
+    subscriber.subscribe("ws:news")
+    subscriber.get_message(timeout=1)
+    results = [_append(r, policy, "news", n) for n in range(5)]
+    epoch = results[0][1]
+    assert [(o, e, receivers) for o, e, receivers in results] == [
+        (n, epoch, 1) for n in range(1, 6)
+    ]
+    stream, meta = history_keys("ws:", "news")
+    entries = r.xrange(stream)
+    assert [entry_id for entry_id, _ in entries] == [b"0-3", b"0-4", b"0-5"]  # size 3
+    published = [subscriber.get_message(timeout=1) for _ in range(5)]
+    stored = [fields[b"e"] for _, fields in entries]
+    assert [m["data"] for m in published if m][-3:] == stored  # the same bytes
+    assert json.loads(stored[-1]) | {"mid": "x", "ts": 0} == {
+        "v": 2,
+        "channel": "news",
+        "data": 4,
+        "mid": "x",
+        "ts": 0,
+        "offset": 5,
+        "epoch": epoch.decode(),
+    }
+    assert 0 < r.pttl(stream) <= policy.retention_ms and 0 < r.pttl(meta)
+    subscriber.close()
+
+
+def test_append_script_trims_by_age_and_refuses_foreign_envelopes(
+    redis_server: RedisServer,
+) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    policy = HistoryPolicy(("*",), size=100, ttl=0.3)
+    for n in range(4):
+        _append(r, policy, "news", n)
+    time.sleep(0.4)
+    _append(r, policy, "news", 4)
+    stream, _ = history_keys("ws:", "news")
+    assert [entry_id for entry_id, _ in r.xrange(stream)] == [b"0-5"]
+    script = r.register_script(APPEND_LUA)
+    with pytest.raises(redis.ResponseError, match="must be compact JSON"):
+        script(list(history_keys("ws:", "news")), policy.append_args("ws:news", b'{"v": 1}'))
+
+
+def test_a_lost_history_starts_a_new_epoch(redis_server: RedisServer) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    policy = HistoryPolicy(("*",))
+    first = _append(r, policy, "news", 1)
+    r.flushall()
+    second = _append(r, policy, "news", 2)
+    assert second[0] == 1 and second[1] != first[1]
+
+
+# Through real gateways
+
+HISTORY = {"GATEWAY_HISTORY_CHANNELS": "h.*", "GATEWAY_ANONYMOUS_PUBLISH": "*"}
+
+
+async def _subscribe(ws: Any, channel: str, since: dict[str, Any] | None = None) -> dict[str, Any]:
+    payload: dict[str, Any] = {"op": "subscribe", "channel": channel, "id": 1}
+    if since is not None:
+        payload["since"] = since
+    return await request(ws, payload)
+
+
+async def _publish(url: str, channel: str, values: range) -> None:
+    async with client(url) as ws:
+        for value in values:
+            reply = await request(ws, {"op": "publish", "channel": channel, "data": value, "id": 1})
+            assert reply["op"] == "published", reply
+
+
+async def _messages(ws: Any, count: int) -> list[dict[str, Any]]:
+    return [await recv_json(ws) for _ in range(count)]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def history_gateway(
+    request: pytest.FixtureRequest, gateway_factory: GatewayFactory
+) -> GatewayProcess:
+    env = dict(HISTORY)
+    if request.param == "redis":
+        env["GATEWAY_REDIS_URL"] = request.getfixturevalue("redis_server").url
+    return gateway_factory(env)
+
+
+async def test_resume_replays_what_was_missed_then_goes_live(
+    history_gateway: GatewayProcess,
+) -> None:
+    url = history_gateway.ws_url
+    async with client(url) as ws:
+        reply = await _subscribe(ws, "h.news")
+        assert reply["offset"] == 0 and "recovered" not in reply
+        epoch = reply["epoch"]
+        await _publish(url, "h.news", range(3))
+        got = await _messages(ws, 3)
+        assert [(m["data"], m["offset"], m["epoch"]) for m in got] == [
+            (n, n + 1, epoch) for n in range(3)
+        ]
+    await _publish(url, "h.news", range(3, 6))  # while nobody listens
+    async with client(url) as ws:
+        reply = await _subscribe(ws, "h.news", {"offset": 3, "epoch": epoch})
+        assert (reply["recovered"], reply["offset"], reply["epoch"]) == (True, 6, epoch)
+        await _publish(url, "h.news", range(6, 8))
+        got = await _messages(ws, 4)
+        assert [(m["data"], m["offset"]) for m in got] == [(n, n + 1) for n in range(3, 7)]
+
+
+async def test_resume_that_cannot_be_complete_says_so(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory({**HISTORY, "GATEWAY_HISTORY_SIZE": "2"})
+    url = gateway.ws_url
+    await _publish(url, "h.news", range(5))
+    async with client(url) as ws:
+        epoch = (await _subscribe(ws, "h.news"))["epoch"]
+        for since in ({"offset": 1, "epoch": epoch}, {"offset": 3, "epoch": "other"}):
+            reply = await _subscribe(ws, "h.other")  # (a second channel keeps ids apart)
+            await request(ws, {"op": "unsubscribe", "channel": "h.news"})
+            reply = await _subscribe(ws, "h.news", since)
+            assert (reply["recovered"], reply["offset"], reply["epoch"]) == (False, 5, epoch)
+        await _publish(url, "h.news", range(5, 6))
+        message = await recv_json(ws)
+        assert (message["data"], message["offset"]) == (5, 6)  # live from the top, no replay
+        # A channel without history cannot resume at all.
+        reply = await _subscribe(ws, "plain", {"offset": 1, "epoch": epoch})
+        assert reply["recovered"] is False and "offset" not in reply
+
+
+@pytest.mark.parametrize(
+    "since",
+    [{"offset": -1, "epoch": "e"}, {"offset": 1, "epoch": "a b"}, {"offset": 1}, 5, {"epoch": "e"}],
+)
+async def test_bad_positions_are_bad_requests(memory_gateway: GatewayProcess, since: Any) -> None:
+    async with client(memory_gateway.ws_url) as ws:
+        reply = await _subscribe(ws, "news", since)
+        assert (reply["op"], reply["code"], reply["id"]) == ("error", "bad_request", 1)
+
+
+async def test_resume_under_live_load_has_no_gap_and_no_duplicate(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """Clients resume from different positions while messages keep arriving; each ends with
+    exactly the messages after its position."""
+    env = {**HISTORY, "GATEWAY_REDIS_URL": redis_server.url}
+    gateway = gateway_factory(env)
+    total = 400
+    policy = HistoryPolicy(("h.*",))
+    with Publisher(redis_server.url, history=policy) as publisher:
+        for n in range(50):
+            publisher.publish("h.load", n)
+        async with client(gateway.ws_url) as probe:
+            epoch = (await _subscribe(probe, "h.load"))["epoch"]
+
+        async def publish_rest() -> None:
+            for n in range(50, total):
+                await asyncio.to_thread(publisher.publish, "h.load", n)
+                if n % 20 == 0:
+                    await asyncio.sleep(0.005)
+
+        async def resume(since: int) -> list[int]:
+            async with client(gateway.ws_url) as ws:
+                reply = await _subscribe(ws, "h.load", {"offset": since, "epoch": epoch})
+                assert reply["recovered"] is True, reply
+                offsets: list[int] = []
+                while not offsets or offsets[-1] < total:
+                    message = await recv_json(ws)
+                    offsets.append(message["offset"])
+                    assert message["data"] == message["offset"] - 1
+                return offsets
+
+        publishing = asyncio.create_task(publish_rest())
+        starts = [0, 10, 25, 49, 30, 45, 5, 40]
+        resumed = []
+        for since in starts:  # joining one after another while the publisher runs
+            resumed.append(asyncio.create_task(resume(since)))
+            await asyncio.sleep(0.05)
+        results = await asyncio.gather(*resumed)
+        await publishing
+    for since, offsets in zip(starts, results, strict=True):
+        assert offsets == list(range(since + 1, total + 1))
