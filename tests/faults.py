@@ -17,7 +17,8 @@ class TcpProxy:
 
     ``freeze()`` makes every current connection a black hole (open, delivering nothing either
     way), as a half-open connection or a middlebox that lost its state would; connections made
-    afterwards work normally. ``cut()`` closes every current connection.
+    afterwards work normally. ``cut()`` closes every current connection. While ``refusing``
+    is set, new connections are closed as soon as they are accepted.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -27,6 +28,7 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter, asyncio.Event]] = []
+        self.refusing = False
 
     @property
     def url(self) -> str:
@@ -46,6 +48,9 @@ class TcpProxy:
         return self
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:

@@ -65,12 +65,15 @@ async def async_wait_until(predicate: Any, timeout: float = 10.0, interval: floa
 
 
 class RedisServer:
-    """A ``redis-server`` of its own on a free port, persisting nothing."""
+    """A ``redis-server`` of its own on a free port, persisting nothing unless ``durable``
+    (then every write is in its append-only file before it is answered, and a restart on
+    the same port and directory gets it all back)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, durable: bool = False) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed (./dev test installs it)")
         self.workdir = workdir
+        self.durable = durable
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -91,7 +94,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.durable else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.workdir),
                 "--logfile",

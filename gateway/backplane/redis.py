@@ -278,11 +278,13 @@ class RedisBackplane(Backplane):
             await asyncio.sleep(self.probe_interval)
             number = next(self._probe_numbers)
             self._probe_arrived.clear()
-            receivers = await self._redis.publish(self._probe, str(number))
-            if receivers == 0:
-                raise SilentConnection("Redis no longer knows our subscription")
             try:
+                # The PUBLISH is under the deadline too: its connection can be as dead as
+                # the subscriber's, and would otherwise wait for the socket timeout.
                 async with asyncio.timeout(self.probe_timeout):
+                    receivers = await self._redis.publish(self._probe, str(number))
+                    if receivers == 0:
+                        raise SilentConnection("Redis no longer knows our subscription")
                     while self._probe_seen < number:
                         await self._probe_arrived.wait()
                         self._probe_arrived.clear()
