@@ -83,7 +83,7 @@ def test_numbered_turns_version_1_into_version_2() -> None:
 # The Redis scripts
 
 
-def _append(r: redis.Redis, policy: HistoryPolicy, channel: str, data: Any) -> list[Any]:
+def _append(r: Any, policy: HistoryPolicy, channel: str, data: Any) -> list[Any]:
     script = r.register_script(APPEND_LUA)
     keys = list(history_keys("ws:", channel))
     result: list[Any] = script(
@@ -93,7 +93,7 @@ def _append(r: redis.Redis, policy: HistoryPolicy, channel: str, data: Any) -> l
 
 
 def test_append_script_numbers_stores_trims_and_publishes(redis_server: RedisServer) -> None:
-    r = redis.Redis.from_url(redis_server.url)
+    r: Any = redis.Redis.from_url(redis_server.url)
     policy = HistoryPolicy(("*",), size=3, ttl=60)
     subscriber = r.pubsub()
     subscriber.subscribe("ws:news")
@@ -125,7 +125,7 @@ def test_append_script_numbers_stores_trims_and_publishes(redis_server: RedisSer
 def test_append_script_trims_by_age_and_refuses_foreign_envelopes(
     redis_server: RedisServer,
 ) -> None:
-    r = redis.Redis.from_url(redis_server.url)
+    r: Any = redis.Redis.from_url(redis_server.url)
     policy = HistoryPolicy(("*",), size=100, ttl=0.3)
     for n in range(4):
         _append(r, policy, "news", n)
@@ -139,7 +139,7 @@ def test_append_script_trims_by_age_and_refuses_foreign_envelopes(
 
 
 def test_a_lost_history_starts_a_new_epoch(redis_server: RedisServer) -> None:
-    r = redis.Redis.from_url(redis_server.url)
+    r: Any = redis.Redis.from_url(redis_server.url)
     policy = HistoryPolicy(("*",))
     first = _append(r, policy, "news", 1)
     r.flushall()
