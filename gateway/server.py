@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
+from gateway import demo
 from gateway.access import Access
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
 from gateway.backplane import BackplaneUnavailable, create_backplane
@@ -109,6 +110,9 @@ class Gateway:
         self._stop_draining = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._refusals = Throttle()
+        self.demo_page = settings.demo_page == "on" or (
+            settings.demo_page == "auto" and settings.redis_url is None
+        )
         self.telemetry.observe(self)
 
     @property
@@ -173,7 +177,13 @@ class Gateway:
             response = connection.respond(
                 http.HTTPStatus.OK, generate_latest(self.telemetry.registry).decode()
             )
-            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            _set_header(response, "Content-Type", CONTENT_TYPE_LATEST)
+            return response
+        if url.path in demo.PATHS and self.demo_page:
+            text, content_type = demo.asset(url.path)
+            response = connection.respond(http.HTTPStatus.OK, text)
+            for name, value in {"Content-Type": content_type, **demo.HEADERS}.items():
+                _set_header(response, name, value)
             return response
         if url.path != WS_PATH:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
@@ -474,6 +484,13 @@ class Gateway:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.1):
                         await self._stop_draining.wait()
+
+
+def _set_header(response: Response, name: str, value: str) -> None:
+    # websockets' Headers is a multi-dict: assigning adds a second header, it does not replace.
+    if name in response.headers:
+        del response.headers[name]
+    response.headers[name] = value
 
 
 def _origins(settings: Settings) -> list[Origin | re.Pattern[str] | None] | None:

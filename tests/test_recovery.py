@@ -30,6 +30,8 @@ HISTORY = {
     "GATEWAY_PROBE_INTERVAL": "0.3",
     "GATEWAY_PROBE_TIMEOUT": "0.5",
 }
+
+
 def fast_client(url: str | list[str]) -> Client:
     return Client(url, [CHANNEL], backoff_min=0.05, backoff_max=0.5, open_timeout=2.0)
 

@@ -1,0 +1,173 @@
+// The gateway's demo client: the browser's own WebSocket, protocol v1 as in docs/protocol.md.
+// Reconnects with capped exponential backoff and full jitter (reset only after a connection
+// stayed up STABLE_MS), and resumes history channels from the last offset it received.
+"use strict";
+
+const BACKOFF_MIN_MS = 500, BACKOFF_MAX_MS = 10000, STABLE_MS = 10000, MAX_ROWS = 500;
+const url = new URL("ws", location.href);
+url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+
+const channels = new Set(new URLSearchParams(location.search).get("channels")?.split(",").filter(Boolean) ?? []);
+const positions = new Map(); // channel -> {offset, epoch} of the last message received
+const pending = new Map(); // request id -> what it was, for its reply
+const confirmed = new Set(); // channels the gateway has confirmed on this connection
+let ws = null, nextId = 1, attempt = 0, openedAt = 0;
+
+const $ = (id) => document.getElementById(id);
+
+function notice(text) {
+  $("notices").textContent = `${new Date().toLocaleTimeString()} ${text}`;
+}
+
+function setStatus(text, cls) {
+  $("status").textContent = text;
+  $("status").className = cls;
+}
+
+function send(request) {
+  request.id = nextId++;
+  pending.set(request.id, request);
+  ws.send(JSON.stringify(request));
+}
+
+function subscribe(channel) {
+  const request = { op: "subscribe", channel };
+  const since = positions.get(channel);
+  if (since) request.since = since;
+  send(request);
+}
+
+function renderChannels() {
+  const box = $("channels");
+  box.replaceChildren();
+  for (const channel of channels) {
+    const tag = document.createElement("span");
+    tag.textContent = channel;
+    tag.dataset.state = confirmed.has(channel) ? "subscribed" : "subscribing";
+    tag.style.opacity = confirmed.has(channel) ? "1" : "0.5";
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.title = `unsubscribe ${channel}`;
+    remove.textContent = "×";
+    remove.onclick = () => {
+      channels.delete(channel);
+      positions.delete(channel);
+      if (ws?.readyState === WebSocket.OPEN) send({ op: "unsubscribe", channel });
+      renderChannels();
+    };
+    tag.append(remove);
+    box.append(tag);
+  }
+}
+
+function showMessage(frame) {
+  const row = document.createElement("tr");
+  row.dataset.channel = frame.channel;
+  if (frame.offset !== undefined) row.dataset.offset = frame.offset;
+  const cells = [
+    new Date().toLocaleTimeString(),
+    frame.channel,
+    frame.offset ?? "",
+    `${Math.max(0, Date.now() - frame.ts)} ms`,
+    JSON.stringify(frame.data),
+  ];
+  cells.forEach((text, i) => {
+    const cell = document.createElement("td");
+    cell.textContent = text;
+    if (i === 4) cell.className = "data";
+    row.append(cell);
+  });
+  const body = $("messages");
+  body.prepend(row);
+  while (body.rows.length > MAX_ROWS) body.deleteRow(-1);
+}
+
+function onMessage(frame) {
+  if (frame.offset !== undefined) {
+    const last = positions.get(frame.channel);
+    if (last && last.epoch === frame.epoch && frame.offset <= last.offset) return; // seen
+    if (last && (last.epoch !== frame.epoch || frame.offset > last.offset + 1)) {
+      notice(`missed messages on ${frame.channel}: reload its state`);
+    }
+    positions.set(frame.channel, { offset: frame.offset, epoch: frame.epoch });
+  }
+  showMessage(frame);
+}
+
+function onReply(frame) {
+  const request = pending.get(frame.id);
+  pending.delete(frame.id);
+  if (frame.op === "subscribed") {
+    if (frame.recovered === true) notice(`resumed ${frame.channel}: nothing lost`);
+    if (frame.recovered === false) notice(`could not resume ${frame.channel}: messages were lost`);
+    if (frame.epoch !== undefined && frame.recovered !== true) {
+      positions.set(frame.channel, { offset: frame.offset, epoch: frame.epoch });
+    }
+    confirmed.add(frame.channel);
+    renderChannels();
+  } else if (frame.op === "published") {
+    notice("published");
+  } else if (frame.op === "error") {
+    notice(`${request ? request.op + " " + (request.channel ?? "") : "request"} refused: ${frame.code}: ${frame.message}`);
+    if (request?.op === "subscribe") {
+      channels.delete(request.channel);
+      renderChannels();
+    }
+  }
+}
+
+function connect() {
+  setStatus("connecting", "closed");
+  ws = new WebSocket(url);
+  ws.onopen = () => {
+    openedAt = Date.now();
+    setStatus("connected", "open");
+    for (const channel of channels) subscribe(channel);
+  };
+  ws.onmessage = (event) => {
+    const frame = JSON.parse(event.data);
+    if (frame.op === "message") onMessage(frame);
+    else onReply(frame);
+  };
+  ws.onclose = (event) => {
+    pending.clear();
+    confirmed.clear();
+    renderChannels();
+    if (openedAt && Date.now() - openedAt >= STABLE_MS) attempt = 0;
+    openedAt = 0;
+    const delay = Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempt++);
+    setStatus(`disconnected (${event.code}), retrying in ${(delay / 1000).toFixed(1)} s`, "closed");
+    setTimeout(connect, delay);
+  };
+}
+
+$("subscribe-form").onsubmit = (event) => {
+  event.preventDefault();
+  const channel = $("channel").value.trim();
+  if (!channels.has(channel)) {
+    channels.add(channel);
+    renderChannels();
+    if (ws?.readyState === WebSocket.OPEN) subscribe(channel);
+  }
+  $("channel").value = "";
+  if (!$("pub-channel").value) $("pub-channel").value = channel;
+};
+
+$("publish-form").onsubmit = (event) => {
+  event.preventDefault();
+  let data;
+  try {
+    data = JSON.parse($("pub-data").value);
+  } catch (error) {
+    notice(`not JSON: ${error.message}`);
+    return;
+  }
+  if (ws?.readyState !== WebSocket.OPEN) {
+    notice("not connected");
+    return;
+  }
+  send({ op: "publish", channel: $("pub-channel").value.trim(), data });
+};
+
+renderChannels();
+connect();

@@ -1,0 +1,111 @@
+"""The demo page at ``/``, in a real headless Chromium: subscribe and publish by typing,
+messages live with their latency, and a gateway restart survived with nothing lost."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from publisher import Publisher
+from publisher.history import HistoryPolicy
+from tests.browser import Browser, Page
+from tests.harness import GatewayFactory, GatewayProcess, RedisServer
+
+DEMO = {
+    "GATEWAY_DEMO_PAGE": "on",
+    "GATEWAY_HISTORY_CHANNELS": "demo.*",
+    "GATEWAY_ANONYMOUS_PUBLISH": "demo.*",
+}
+
+
+@pytest.fixture
+async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
+    browser = Browser(tmp_path).start()
+    yield browser
+    await browser.close()
+
+
+async def type_and_submit(page: Page, fields: dict[str, str], form: str) -> None:
+    for element, value in fields.items():
+        await page.evaluate(f"document.getElementById({element!r}).value = {json.dumps(value)}")
+    await page.evaluate(f"document.getElementById({form!r}).requestSubmit()")
+
+
+ROWS = """[...document.querySelectorAll('#messages tr')].reverse().map(r => ({
+    channel: r.cells[1].textContent, offset: r.cells[2].textContent,
+    latency: r.cells[3].textContent, data: JSON.parse(r.cells[4].textContent)}))"""
+
+
+async def subscribed_page(browser: Browser, gateway: GatewayProcess, channel: str) -> Page:
+    page = await browser.open(gateway.http_url + "/")
+    await page.wait_for("document.getElementById('status').textContent === 'connected'")
+    await type_and_submit(page, {"channel": channel}, "subscribe-form")
+    await page.wait_for(
+        "[...document.querySelectorAll('#channels span')].some("
+        f"t => t.dataset.state === 'subscribed' && t.firstChild.textContent === {channel!r})"
+    )
+    return page
+
+
+async def test_the_embedded_gateway_is_usable_with_nothing_but_a_browser(
+    browser: Browser, gateway_factory: GatewayFactory
+) -> None:
+    gateway = gateway_factory({**DEMO, "GATEWAY_DEMO_PAGE": "auto"})  # on: no Redis
+    page = await subscribed_page(browser, gateway, "demo.chat")
+    await page.wait_for("document.getElementById('notices').textContent === ''", timeout=2)
+    await type_and_submit(page, {"pub-data": '{"text": "hello from the page"}'}, "publish-form")
+    rows = await page.wait_for(f"({ROWS}).length === 1 && {ROWS}")
+    assert rows[0]["channel"] == "demo.chat"
+    assert rows[0]["offset"] == "1"
+    assert rows[0]["data"] == {"text": "hello from the page"}
+    assert rows[0]["latency"].endswith(" ms") and int(rows[0]["latency"].split()[0]) < 5000
+    # Outside what the configuration allows, the page shows the refusal.
+    await type_and_submit(page, {"pub-channel": "other", "pub-data": "1"}, "publish-form")
+    await page.wait_for("document.getElementById('notices').textContent.includes('refused')")
+    notice = await page.evaluate("document.getElementById('notices').textContent")
+    assert "publish other refused: forbidden" in notice
+
+
+async def test_the_page_survives_a_gateway_restart_and_shows_what_it_missed(
+    browser: Browser, redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    gateway = gateway_factory({**DEMO, "GATEWAY_REDIS_URL": redis_server.url})
+    page = await subscribed_page(browser, gateway, "demo.feed")
+    with Publisher(redis_server.url, history=HistoryPolicy(("demo.*",))) as publisher:
+        publisher.publish("demo.feed", {"n": 1})
+        await page.wait_for(f"({ROWS}).length === 1")
+
+        gateway.stop()  # SIGTERM: the page sees 1001 and starts its backoff
+        await page.wait_for("document.getElementById('status').textContent !== 'connected'")
+        for n in (2, 3, 4):  # published while the page has no gateway
+            publisher.publish("demo.feed", {"n": n})
+        gateway.start()  # same port, as a restarted pod behind the same Service
+
+        await page.wait_for("document.getElementById('status').textContent === 'connected'")
+        await page.wait_for(f"({ROWS}).length === 4", timeout=20)
+        notice = await page.evaluate("document.getElementById('notices').textContent")
+        assert "resumed demo.feed: nothing lost" in notice
+        publisher.publish("demo.feed", {"n": 5})
+        rows = await page.wait_for(f"({ROWS}).length === 5 && {ROWS}")
+    assert [row["data"]["n"] for row in rows] == [1, 2, 3, 4, 5]
+    assert [row["offset"] for row in rows] == ["1", "2", "3", "4", "5"]
+
+
+def test_the_page_is_served_with_strict_headers_and_only_where_enabled(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    embedded = gateway_factory({})
+    status, body = embedded.http("/")
+    assert status == 200 and "<title>wsgateway demo</title>" in body
+    assert embedded.http("/demo.js")[0] == 200
+    with_redis = gateway_factory({"GATEWAY_REDIS_URL": redis_server.url})  # auto: off
+    assert with_redis.http("/")[0] == 404
+    assert gateway_factory({"GATEWAY_DEMO_PAGE": "off"}).http("/demo.js")[0] == 404
+    with urllib.request.urlopen(embedded.http_url + "/", timeout=5) as response:
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
