@@ -60,6 +60,7 @@ class Page:
         """Poll ``expression`` until it is truthy (throwing counts as not yet: the page may
         still be loading); return its value."""
         deadline = time.monotonic() + timeout
+        last_error: RuntimeError | None = None
         while True:
             try:
                 value = await self.evaluate(expression)
