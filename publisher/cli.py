@@ -60,6 +60,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=defaults.channel_prefix,
         help="Redis channel prefix [PUBLISHER_CHANNEL_PREFIX] (default: %(default)s)",
     )
+    parser.add_argument(
+        "--history-channels",
+        default=defaults.history_channels,
+        metavar="PATTERNS",
+        help="comma-separated glob patterns of channels that keep history: their messages are "
+        "numbered and stored in the channel's stream [PUBLISHER_HISTORY_CHANNELS] "
+        "(default: %(default)r)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
     if args.stdin == (args.json is not None):
@@ -70,7 +78,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(2, str(exc))
     tracing = otlp.tracing_from_env("wspublish")
     published = receivers = 0
-    with Publisher(args.redis_url, prefix=args.prefix, tracer_provider=tracing) as publisher:
+    history = defaults.model_copy(update={"history_channels": args.history_channels}).history()
+    with Publisher(
+        args.redis_url, prefix=args.prefix, tracer_provider=tracing, history=history
+    ) as publisher:
         try:
             for value in _values(args):
                 receivers = publisher.publish(args.channel, value)

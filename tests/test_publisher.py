@@ -100,3 +100,20 @@ def test_wspublish_exit_codes(redis_server: RedisServer) -> None:
 def test_wspublish_reads_publisher_environment(redis_server: RedisServer) -> None:
     result = wspublish("news", "1", env={"PUBLISHER_REDIS_URL": DEAD_REDIS})
     assert result.returncode == 1
+
+
+def test_wspublish_numbers_and_stores_history_channels(redis_server: RedisServer) -> None:
+    by_flag = wspublish(
+        "--redis-url", redis_server.url, "--history-channels", "h.*", "h.a", "--stdin",
+        stdin="1\n2\n",
+    )  # fmt: skip
+    assert by_flag.returncode == 0, by_flag.stderr
+    by_env = wspublish(
+        "--redis-url", redis_server.url, "h.a", "3", env={"PUBLISHER_HISTORY_CHANNELS": "h.*"}
+    )
+    assert by_env.returncode == 0, by_env.stderr
+    wspublish("--redis-url", redis_server.url, "plain", "4")
+    stream = redis_server.command("XRANGE", "{ws:h.a}:history", "-", "+")
+    assert [entry[0] for entry in stream] == ["0-1", "0-2", "0-3"]
+    assert [json.loads(entry[1][1])["data"] for entry in stream] == [1, 2, 3]
+    assert redis_server.command("EXISTS", "{ws:plain}:history") == 0
