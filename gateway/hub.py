@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
 from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
-from gateway.history import Cursor, Recovery, Verdict, recover
+from gateway.history import Cursor, Page, Recovery, Verdict, recover
 from gateway.protocol import Outbound, message
 from gateway.session import Session
 from gateway.stats import Stats
@@ -44,6 +44,8 @@ __all__ = ["Hub", "Joined"]
 
 #: Read the stream after this offset to learn only its epoch and top.
 _TOP = 2**53
+#: Reads of a stream to fill a gap before delivering what was held without it.
+_FILL_ATTEMPTS = 5
 
 log = logging.getLogger("gateway.hub")
 
@@ -240,11 +242,12 @@ class Hub:
 
     async def _read_missing(self, local: _Channel) -> None:
         """Read what the channel has not delivered from its stream, deliver it, then what was
-        held meanwhile; retried while the backplane is unavailable."""
+        held meanwhile. A read that keeps failing is given up after a few tries, so a
+        history that cannot be read never stops the live messages for long."""
         cursor = local.cursor
         assert cursor is not None
-        attempt = 0
-        while True:
+        page = Page(None, 0)
+        for attempt in range(_FILL_ATTEMPTS):
             after = cursor.offset if cursor.offset is not None else 0
             starts = [start for epoch, start in local.catching.values() if epoch == cursor.epoch]
             if cursor.offset is None and starts:
@@ -253,8 +256,10 @@ class Hub:
                 page = await self.backplane.history(local.name, after)
                 break
             except BackplaneUnavailable as exc:
-                delay = full_jitter(attempt, 0.1, 5.0)
-                attempt += 1
+                if attempt + 1 == _FILL_ATTEMPTS:
+                    log.error("channel %s: gave up reading its history: %s", local.name, exc)
+                    break
+                delay = full_jitter(attempt, 0.1, 2.0)
                 log.info(
                     "channel %s: cannot read history (%s); retry in %.2fs", local.name, exc, delay
                 )
@@ -321,11 +326,13 @@ class Hub:
         """Subscribers that resumed ahead of the channel get only what follows their start."""
         cursor = local.cursor
         for session, (epoch, start) in list(local.catching.items()):
-            behind = cursor is not None and cursor.epoch == epoch
-            items = [i for i in batch if i.offset is None or i.offset > start] if behind else batch
+            same_epoch = cursor is not None and cursor.epoch == epoch
+            items = (
+                [i for i in batch if i.offset is None or i.offset > start] if same_epoch else batch
+            )
             if items:
                 session.deliver(items, b"".join([item.frame for item in items]))
-            if not behind or (cursor is not None and (cursor.offset or 0) >= start):
+            if not same_epoch or (cursor is not None and (cursor.offset or 0) >= start):
                 del local.catching[session]
                 local.members[session] = None
 

@@ -74,7 +74,9 @@ def test_the_whole_benchmark_runs_quick_and_writes_its_report(tmp_path: Path) ->
     assert {("10k", "gateway"), ("10k", "guide"), ("1k-stalled", "gateway")} <= designs
     for row in report["rows"]:
         assert row["delivered_share"] == 1.0, row  # a few subscribers at most 200/s: all there
-        assert row["cpu_us_per_delivery"] > 0
+        # Measured (a number, not None); may be 0: the quick runs' 40 subscribers at 20/s can
+        # cost the server less than one 10 ms clock tick of /proc CPU time.
+        assert row["cpu_us_per_delivery"] >= 0
     assert len(report["targets"]) == 5
     assert "## Targets" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "fanout.png").read_bytes().startswith(b"\x89PNG")
