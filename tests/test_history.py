@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.history import Cursor, Page, Verdict, recover
 from publisher import Publisher
@@ -273,3 +274,43 @@ async def test_resume_under_live_load_has_no_gap_and_no_duplicate(
         await publishing
     for since, offsets in zip(starts, results, strict=True):
         assert offsets == list(range(since + 1, total + 1))
+
+
+@pytest.mark.parametrize(("size", "expected", "lost"), [(100, [3, 4, 5], 0), (2, [4, 5], 1)])
+async def test_a_gap_in_live_offsets_is_filled_from_the_stream(
+    redis_server: RedisServer,
+    gateway_factory: GatewayFactory,
+    size: int,
+    expected: list[int],
+    lost: int,
+) -> None:
+    gateway = gateway_factory({**HISTORY, "GATEWAY_REDIS_URL": redis_server.url})
+    r: Any = redis.Redis.from_url(redis_server.url)
+    policy = HistoryPolicy(("h.*",), size=size)
+    keys = list(history_keys("ws:", "h.gap"))
+    script = r.register_script(APPEND_LUA)
+    async with client(gateway.ws_url) as ws:
+        await _subscribe(ws, "h.gap")
+        for n in (1, 2):
+            script(keys, policy.append_args("ws:h.gap", build_envelope("h.gap", n)))
+        assert [m["offset"] for m in await _messages(ws, 2)] == [1, 2]
+        for n in (3, 4):  # numbered and stored, but published where nobody listens
+            script(keys, policy.append_args("ws:elsewhere", build_envelope("h.gap", n)))
+        script(keys, policy.append_args("ws:h.gap", build_envelope("h.gap", 5)))
+        got = await _messages(ws, len(expected))
+        assert [(m["offset"], m["data"]) for m in got] == [(n, n) for n in expected]
+    events = history_events(gateway)
+    # The stream's copy of 5 comes first; the held live one is then a duplicate.
+    expected_events = {"filled": len(expected), "duplicate": 1, "replayed": 0}
+    assert events == expected_events | ({"lost": lost} if lost else {})
+
+
+def history_events(gateway: GatewayProcess) -> dict[str, float]:
+    status, text = gateway.http("/metrics")
+    assert status == 200
+    return {
+        sample.labels["event"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "wsgateway_history_total"
+    }
