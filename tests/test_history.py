@@ -314,3 +314,16 @@ def history_events(gateway: GatewayProcess) -> dict[str, float]:
         for sample in family.samples
         if sample.name == "wsgateway_history_total"
     }
+
+
+async def test_a_version_1_message_on_a_history_channel_is_delivered_unnumbered(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    gateway = gateway_factory({**HISTORY, "GATEWAY_REDIS_URL": redis_server.url})
+    async with client(gateway.ws_url) as ws:
+        await _subscribe(ws, "h.old")
+        # A publisher that predates history (or is not configured for it) PUBLISHes version 1.
+        assert redis_server.publish("ws:h.old", build_envelope("h.old", "legacy")) == 1
+        message = await recv_json(ws)
+        assert message["data"] == "legacy" and "offset" not in message
+    assert history_events(gateway)["unnumbered"] == 1
