@@ -163,7 +163,7 @@ def test_health_endpoints(memory_gateway: GatewayProcess) -> None:
     assert memory_gateway.http("/healthz") == (200, "ok\n")
     assert memory_gateway.http("/readyz") == (200, "ready\n")
     assert memory_gateway.http("/nope")[0] == 404
-    assert memory_gateway.http("/")[0] == 404
+    assert memory_gateway.http("/")[0] == 200  # the demo page, on by default when embedded
     assert "backplane memory" in memory_gateway.logs()
 
 
