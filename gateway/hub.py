@@ -65,6 +65,7 @@ class _Channel:
         "last_write",
         "members",
         "name",
+        "next_read",
         "pending",
         "received",
         "waiting",
@@ -95,10 +96,37 @@ class _Channel:
         # at (its epoch and offset), they get only the messages after it.
         self.waiting: dict[Session, list[Outbound]] = {}
         self.catching: dict[Session, tuple[str | None, int]] = {}
+        # The history read that subscribers arriving now will share (see Hub._read_shared).
+        self.next_read: _Read | None = None
 
     @property
     def active(self) -> bool:
         return bool(self.members or self.waiting or self.catching)
+
+
+class _Read:
+    """One read of a channel's history, shared by the subscribers that asked together."""
+
+    __slots__ = ("_messages", "after", "channel", "done", "page")
+
+    def __init__(self, channel: str, after: int) -> None:
+        self.channel = channel
+        self.after = after
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.page = Page(None, 0)
+        self._messages: list[tuple[int, Outbound]] | None = None
+
+    def messages(
+        self, decode: Callable[[str, bytes], Envelope | None]
+    ) -> list[tuple[int, Outbound]]:
+        """The page's entries as message frames, decoded and encoded once for all readers."""
+        if self._messages is None:
+            self._messages = []
+            for offset, payload in self.page.entries:
+                envelope = decode(self.channel, payload)
+                if envelope is not None:
+                    self._messages.append((offset, message(envelope)))
+        return self._messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,8 +418,9 @@ class Hub:
         self._write(local)
         kept: list[Outbound] = []
         local.waiting[session] = kept
+        after = since[0] if since else _TOP
         try:
-            page = await self.backplane.history(local.name, since[0] if since else _TOP)
+            read = await self._read_shared(local, after)
         except BackplaneUnavailable:
             local.waiting.pop(session, None)
             await self.unsubscribe(session, local.name)
@@ -400,16 +429,19 @@ class Hub:
         local.waiting.pop(session, None)
         if local.name not in session.channels:
             return None  # it left while reading
+        page = read.page
+        if after > read.after:
+            page = Page(page.epoch, page.top, [e for e in page.entries if e[0] > after])
         recovery = recover(page, since)
         cursor = local.cursor
         assert cursor is not None
         if cursor.epoch is None:
             cursor.epoch = recovery.epoch
-        replay: list[Outbound] = []
-        for _, payload in recovery.replay:
-            envelope = self._decode(local.name, payload)
-            if envelope is not None:
-                replay.append(message(envelope))
+        replay = (
+            [item for offset, item in read.messages(self._decode) if offset > after]
+            if recovery.recovered
+            else []
+        )
         start = recovery.position
         replay.extend(item for item in kept if item.offset is None or item.offset > start)
         if cursor.epoch == recovery.epoch and (cursor.offset or 0) >= start:
@@ -418,6 +450,40 @@ class Hub:
             local.catching[session] = (recovery.epoch, start)
         self.stats.history["replayed"] += len(recovery.replay)
         return Joined(recovery, replay)
+
+    async def _read_shared(self, local: _Channel, after: int) -> _Read:
+        """Read the channel's history once for every subscriber that asks in the same loop
+        iteration (a reconnect storm: the clients of a lost replica arriving together), from
+        the lowest position asked; each takes the part after its own.
+
+        The read starts on the next iteration, after every such subscriber began keeping the
+        live messages, so none falls between the read and what it keeps.
+        """
+        read = local.next_read
+        if read is None:
+            read = local.next_read = _Read(local.name, after)
+            asyncio.get_running_loop().call_soon(self._start_read, local, read)
+        else:
+            read.after = min(read.after, after)
+        await asyncio.shield(read.done)
+        return read
+
+    def _start_read(self, local: _Channel, read: _Read) -> None:
+        if local.next_read is read:
+            local.next_read = None  # who comes now needs a read that starts after it
+
+        def finished(task: asyncio.Task[Page]) -> None:
+            if task.cancelled():
+                read.done.set_exception(BackplaneUnavailable("history read cancelled"))
+            elif (exc := task.exception()) is not None:
+                read.done.set_exception(exc)
+            else:
+                read.page = task.result()
+                read.done.set_result(None)
+            read.done.exception()  # retrieved: waiters that left must not leave a warning
+
+        task = asyncio.create_task(self.backplane.history(local.name, read.after))
+        task.add_done_callback(finished)
 
     async def unsubscribe(self, session: Session, channel: str) -> bool:
         """Remove ``session`` from ``channel``; False if it was not subscribed."""

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         description="Redis URL, e.g. redis://redis:6379/0; unset: in-process memory backplane "
         "(one replica)",
     )
+    redis_max_connections: int = Field(
+        32,
+        ge=1,
+        description="Redis connections for commands (publishes, history reads) besides the "
+        "one pub/sub connection; more requests at once wait for one",
+    )
     channel_prefix: str = Field(
         "ws:", max_length=64, description="Redis channel = prefix + channel"
     )

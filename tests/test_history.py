@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -270,6 +271,9 @@ async def test_resume_under_live_load_has_no_gap_and_no_duplicate(
         for since in starts:  # joining one after another while the publisher runs
             resumed.append(asyncio.create_task(resume(since)))
             await asyncio.sleep(0.05)
+        burst = [3, 48, 17, 33, 0, 49]  # and together, as after a replica died: one shared read
+        starts += burst
+        resumed.extend(asyncio.create_task(resume(since)) for since in burst)
         results = await asyncio.gather(*resumed)
         await publishing
     for since, offsets in zip(starts, results, strict=True):
@@ -327,3 +331,35 @@ async def test_a_version_1_message_on_a_history_channel_is_delivered_unnumbered(
         message = await recv_json(ws)
         assert message["data"] == "legacy" and "offset" not in message
     assert history_events(gateway)["unnumbered"] == 1
+
+
+async def test_a_burst_of_resumes_on_many_channels_waits_for_redis_connections(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """More concurrent history reads than connections to Redis (redis-py's default pool
+    refuses past 100): they queue for the bounded pool instead of failing."""
+    gateway = gateway_factory(
+        {
+            **HISTORY,
+            "GATEWAY_REDIS_URL": redis_server.url,
+            "GATEWAY_REDIS_MAX_CONNECTIONS": "8",
+            "GATEWAY_RATE_LIMIT": "1000",
+        }
+    )
+    count = 150
+    channels = [f"h.burst{n}" for n in range(count)]
+    async with contextlib.AsyncExitStack() as stack:
+        # Two clients hold every channel, so the burst below waits for no SUBSCRIBE: only
+        # its history reads, all at once.
+        for half in (channels[: count // 2], channels[count // 2 :]):
+            anchor = await stack.enter_async_context(client(gateway.ws_url))
+            for channel in half:
+                await _subscribe(anchor, channel)
+        sockets = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(count)]
+        replies = await asyncio.gather(
+            *(_subscribe(ws, channel, {"offset": 0, "epoch": "e"})
+              for channel, ws in zip(channels, sockets, strict=True))
+        )  # fmt: skip
+    assert [reply["op"] for reply in replies] == ["subscribed"] * count
+    clients = redis_server.command("CLIENT", "LIST").count("\n")
+    assert clients <= 8 + 1 + 2  # the pool, the subscriber, this CLIENT LIST (and slack)

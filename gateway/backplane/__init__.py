@@ -28,5 +28,6 @@ def create_backplane(settings: Settings, on_message: OnMessage) -> Backplane:
         reconnect_max=settings.reconnect_max,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
+        max_connections=settings.redis_max_connections,
         history=settings.history(),
     )

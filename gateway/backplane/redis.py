@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -62,6 +62,7 @@ class RedisBackplane(Backplane):
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
         connect_timeout: float = 5.0,
+        max_connections: int = 32,
         history: HistoryPolicy | None = None,
     ) -> None:
         super().__init__(on_message, history)
@@ -83,8 +84,17 @@ class RedisBackplane(Backplane):
         self._subscriber = Redis(
             connection_pool=ConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **options)
         )
+        # Commands share a bounded pool and wait for a free connection when a burst (a
+        # reconnect storm reading history, many clients publishing) wants more, instead of
+        # failing with "Too many connections" past redis-py's default of 100.
         self._redis = Redis(
-            connection_pool=ConnectionPool.from_url(url, retry=Retry(NoBackoff(), 1), **options)
+            connection_pool=BlockingConnectionPool.from_url(
+                url,
+                retry=Retry(NoBackoff(), 1),
+                max_connections=max_connections,
+                timeout=subscribe_timeout,
+                **options,
+            )
         )
         self._append_script = self._redis.register_script(APPEND_LUA)
         self._read_script = self._redis.register_script(READ_LUA)
