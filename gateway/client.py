@@ -82,6 +82,13 @@ class ClientError(Exception):
 _FATAL_STATUS = (401, 403, 404)
 
 
+class _Closed(Exception):
+    """Put in the event queue by close(): the iteration ends there."""
+
+
+_CLOSED = _Closed()
+
+
 class Client:
     def __init__(
         self,
@@ -136,6 +143,7 @@ class Client:
             self._task = asyncio.create_task(self._run(), name="gateway client")
 
     async def close(self) -> None:
+        """Close the connection and stop reconnecting; an iteration in progress ends."""
         self._closing = True
         if self._ws is not None:
             await self._ws.close()
@@ -143,6 +151,12 @@ class Client:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        while True:  # wake the iteration, even if the queue is full of unread events
+            try:
+                self._events.put_nowait(_CLOSED)
+                break
+            except asyncio.QueueFull:
+                self._events.get_nowait()
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
@@ -150,6 +164,8 @@ class Client:
     async def _iterate(self) -> AsyncIterator[Event]:
         while True:
             event = await self._events.get()
+            if event is _CLOSED:
+                return
             if isinstance(event, BaseException):
                 raise event
             yield event
@@ -183,6 +199,8 @@ class Client:
             await ws.send(json.dumps(payload))
             async with asyncio.timeout(timeout):
                 answer = await reply
+        except ConnectionClosed as exc:
+            raise ConnectionError(f"connection lost: {exc}") from None
         finally:
             self._replies.pop(request_id, None)
         if answer.get("op") == "error":

@@ -90,3 +90,23 @@ async def test_a_refused_token_ends_the_iteration(gateway_factory: GatewayFactor
         with pytest.raises(ClientError) as refused:
             await next_event(aiter(client))
     assert refused.value.code == "http_401"
+
+
+async def test_close_ends_an_iteration_in_progress(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory({})
+    client = Client(gateway.ws_url, ["news"])
+    client.start()
+    await client.connected.wait()
+    events: list[Message | Resync] = []
+
+    async def consume() -> None:
+        async for event in client:
+            events.append(event)
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0.1)
+    await client.close()
+    await asyncio.wait_for(consumer, 5)  # ended, not stuck
+    assert events == []
+    with pytest.raises(ConnectionError):
+        await client.publish("news", 1)
