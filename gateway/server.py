@@ -350,13 +350,15 @@ class Gateway:
             raise RequestError(
                 ErrorCode.LIMIT, f"at most {limit} subscriptions per connection", request_id
             )
+        already = channel in session.channels
         try:
             joined = await self.hub.subscribe(session, channel, since)
         except BackplaneUnavailable as exc:
             raise RequestError(ErrorCode.UNAVAILABLE, str(exc), request_id) from None
         if joined is None:
-            # Not a history channel (or already subscribed): nothing to resume from.
-            recovered = False if since is not None else None
+            # Already subscribed (nothing was missed), or not a history channel (nothing can
+            # be resumed).
+            recovered = False if since is not None and not already else None
             session.send(subscribed(channel, request_id, recovered=recovered))
             return
         recovery = joined.recovery
