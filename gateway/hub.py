@@ -282,6 +282,10 @@ class Hub:
                 after = min(starts)
             try:
                 page = await self.backplane.history(local.name, after)
+                if page.epoch != cursor.epoch and cursor.epoch is not None and after:
+                    # The history restarted meanwhile (Redis lost it, a failover lost the
+                    # last writes): everything of the new epoch is missing, from its start.
+                    page = await self.backplane.history(local.name, 0)
                 break
             except BackplaneUnavailable as exc:
                 if attempt + 1 == _FILL_ATTEMPTS:

@@ -127,8 +127,11 @@ class Gateway:
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        if not self.hub.backplane.connected:
-            return False, f"{self.backplane_name} backplane disconnected"
+        backplane = self.hub.backplane
+        if not backplane.connected:
+            down = sorted(node for node, up in backplane.node_states().items() if not up)
+            nodes = f" ({', '.join(down)} down)" if down and backplane.name != "redis" else ""
+            return False, f"{self.backplane_name} backplane disconnected{nodes}"
         return True, "ready"
 
     async def start(self) -> None:

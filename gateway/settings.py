@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     port: int = Field(8765, ge=0, le=65535, description="WebSocket and HTTP port (0: any free)")
     redis_url: URL | None = Field(
         None,
-        description="Redis URL, e.g. redis://redis:6379/0; unset: in-process memory backplane "
+        description="Redis URL, e.g. redis://redis:6379/0, or redis+cluster://host:port (any "
+        "node of a Redis Cluster, 7+: sharded pub/sub); unset: in-process memory backplane "
         "(one replica)",
     )
     redis_max_connections: int = Field(
@@ -213,8 +214,8 @@ class Settings(BaseSettings):
         if value is None or not value.get_secret_value():
             return None
         scheme = value.get_secret_value().partition("://")[0]
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if scheme not in ("redis", "rediss", "unix", "redis+cluster"):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
         return value
 
     @field_validator("jwt_public_key_file")

@@ -14,9 +14,12 @@ from typing import Any, Self
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind
 
+from publisher.cluster import is_cluster_url, parse_cluster_url
 from publisher.envelope import MAX_ENVELOPE_BYTES, build_envelope, check_channel, new_mid
 from publisher.history import APPEND_LUA, HistoryPolicy, history_keys
 from publisher.settings import PublisherSettings
@@ -42,6 +45,9 @@ class _Base:
         self.history = defaults.history() if history is None else history
         self.max_envelope_bytes = max_envelope_bytes
         self._tracer = trace.get_tracer("wsgateway.publisher", tracer_provider=tracer_provider)
+        #: redis+cluster:// URLs publish with SPUBLISH to the node that serves the channel.
+        self.sharded = is_cluster_url(self.redis_url)
+        self._publish_command = "SPUBLISH" if self.sharded else "PUBLISH"
 
     @contextmanager
     def _sending(
@@ -76,7 +82,7 @@ class _Base:
     def _append(self, channel: str, key: bytes, envelope: bytes) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the history append script for one message."""
         return list(history_keys(self.prefix, channel)), self.history.append_args(
-            key.decode(), envelope
+            key.decode(), envelope, sharded=self.sharded
         )
 
     @staticmethod
@@ -94,7 +100,16 @@ class Publisher(_Base):
 
     def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(redis_url, **kwargs)
-        self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+        self._redis: Any
+        if self.sharded:
+            seeds, options = parse_cluster_url(self.redis_url)
+            self._redis = redis.cluster.RedisCluster(
+                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in seeds],  # type: ignore[no-untyped-call]
+                socket_connect_timeout=5,
+                **options,
+            )
+        else:
+            self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
         self._append_script = self._redis.register_script(APPEND_LUA)
 
     def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
@@ -103,7 +118,7 @@ class Publisher(_Base):
             if self.history.applies(channel):
                 keys, args = self._append(channel, key, envelope)
                 return self._appended(span, self._append_script(keys, args))
-            receivers = int(self._redis.publish(key, envelope))
+            receivers = int(self._redis.execute_command(self._publish_command, key, envelope))
             span.set_attribute("wsgateway.receivers", receivers)
             return receivers
 
@@ -127,7 +142,16 @@ class AsyncPublisher(_Base):
 
     def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(redis_url, **kwargs)
-        self._redis = redis.asyncio.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+        self._redis: Any
+        if self.sharded:
+            seeds, options = parse_cluster_url(self.redis_url)
+            self._redis = redis.asyncio.cluster.RedisCluster(
+                startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in seeds],
+                socket_connect_timeout=5,
+                **options,
+            )
+        else:
+            self._redis = redis.asyncio.Redis.from_url(self.redis_url, socket_connect_timeout=5)
         self._append_script = self._redis.register_script(APPEND_LUA)
 
     async def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
@@ -136,7 +160,7 @@ class AsyncPublisher(_Base):
             if self.history.applies(channel):
                 keys, args = self._append(channel, key, envelope)
                 return self._appended(span, await self._append_script(keys, args))
-            receivers = int(await self._redis.publish(key, envelope))
+            receivers = int(await self._redis.execute_command(self._publish_command, key, envelope))
             span.set_attribute("wsgateway.receivers", receivers)
             return receivers
 

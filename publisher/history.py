@@ -58,8 +58,11 @@ class HistoryPolicy:
     def retention_ms(self) -> int:
         return int(max(self.retention, self.ttl) * 1000)
 
-    def append_args(self, pubsub_channel: str, envelope: bytes) -> list[str | bytes | int]:
-        """ARGV of :data:`APPEND_LUA` for a version 1 ``envelope``."""
+    def append_args(
+        self, pubsub_channel: str, envelope: bytes, *, sharded: bool = False
+    ) -> list[str | bytes | int]:
+        """ARGV of :data:`APPEND_LUA` for a version 1 ``envelope``; ``sharded`` publishes
+        with SPUBLISH (Redis Cluster), whose channel is in the keys' slot by construction."""
         return [
             pubsub_channel,
             envelope,
@@ -67,6 +70,7 @@ class HistoryPolicy:
             int(self.ttl * 1000),
             self.retention_ms,
             new_epoch(),
+            "SPUBLISH" if sharded else "PUBLISH",
         ]
 
     def read_args(self, after: int, count: int) -> list[int | str]:
@@ -76,7 +80,8 @@ class HistoryPolicy:
 
 #: KEYS: stream, meta. ARGV: pub/sub channel, version 1 envelope (compact JSON, as built by
 #: publisher.envelope.build_envelope: it starts with {"v":1, and ends with }), size, ttl ms,
-#: retention ms, an epoch to use if the channel has none. Returns {offset, epoch, receivers}.
+#: retention ms, an epoch to use if the channel has none, and (optional) the publish command,
+#: PUBLISH or SPUBLISH. Returns {offset, epoch, receivers}.
 #: The stored and published envelope is the same one turned into version 2 with its offset
 #: and epoch; entries older than ttl are trimmed from the head as new ones arrive.
 APPEND_LUA = r"""
@@ -110,7 +115,7 @@ elseif not keep and #head > 0 then
 end
 redis.call('PEXPIRE', stream, ARGV[5])
 redis.call('PEXPIRE', meta, ARGV[5])
-local receivers = redis.call('PUBLISH', ARGV[1], final)
+local receivers = redis.call(ARGV[7] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', ARGV[1], final)
 return {offset, epoch, receivers}
 """
 

@@ -69,12 +69,13 @@ class RedisServer:
     (then every write is in its append-only file before it is answered, and a restart on
     the same port and directory gets it all back)."""
 
-    def __init__(self, workdir: Path, *, durable: bool = False) -> None:
+    def __init__(self, workdir: Path, *, durable: bool = False, cluster: bool = False) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed (./dev test installs it)")
         self.workdir = workdir
         self.durable = durable
-        self.port = free_port()
+        self.cluster = cluster
+        self.port = free_port() if not cluster else _cluster_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -101,6 +102,7 @@ class RedisServer:
                 str(self.workdir),
                 "--logfile",
                 str(self.workdir / "redis.log"),
+                *(CLUSTER_OPTIONS if self.cluster else ()),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -148,6 +150,104 @@ class RedisServer:
             self.process.kill()
             self.process.wait(10)
         self.process = None
+
+
+#: A cluster node, failing over 2 s after its primary stops answering; its replica syncs at
+#: once (no 5 s wait for more replicas) and may take over however long it was disconnected.
+CLUSTER_OPTIONS = (
+    "--cluster-enabled", "yes",
+    "--cluster-config-file", "nodes.conf",
+    "--cluster-node-timeout", "2000",
+    "--repl-diskless-sync-delay", "0",
+    "--cluster-replica-validity-factor", "0",
+)  # fmt: skip
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+class RedisClusterServers:
+    """A real Redis Cluster: ``primaries`` primaries with one replica each, made with
+    ``redis-cli --cluster create``, every node a ``redis-server`` of its own."""
+
+    def __init__(self, workdir: Path, primaries: int = 3) -> None:
+        self.nodes = [RedisServer(workdir / f"node{n}", cluster=True) for n in range(primaries * 2)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                "redis-cli", "--cluster", "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas", "1", "--cluster-yes",
+            ],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        wait_until(self.formed, timeout=30)
+        return self
+
+    def formed(self) -> bool:
+        """Healthy, and every node knows every replica as one (gossip takes a moment)."""
+        if not self.healthy():
+            return False
+        replicas = len(self.nodes) // 2
+        for node in self.nodes:
+            views = node.command("CLUSTER", "NODES").splitlines()
+            if sum(" slave " in f" {line.split()[2].replace(',', ' ')} " for line in views) != (
+                replicas
+            ):
+                return False
+        return True
+
+    def healthy(self) -> bool:
+        """Every live node sees the cluster ok, and every replica is in sync with its primary
+        (a replica that never synced cannot take over)."""
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            try:
+                if "cluster_state:ok" not in node.command("CLUSTER", "INFO"):
+                    return False
+                replication = node.command("INFO", "replication")
+            except OSError:
+                return False
+            if "role:slave" in replication and "master_link_status:up" not in replication:
+                return False
+        return True
+
+    def primaries(self) -> list[RedisServer]:
+        """The nodes that serve slots now, as the first live node sees it."""
+        node = next(n for n in self.nodes if n.process is not None)
+        ports = {int(s[2][1]) for s in node.command("CLUSTER", "SLOTS")}
+        return [n for n in self.nodes if n.port in ports and n.process is not None]
+
+    def owner(self, key: str) -> RedisServer:
+        """The primary serving the slot of ``key`` (a channel or a key)."""
+        node = next(n for n in self.nodes if n.process is not None)
+        slot = int(node.command("CLUSTER", "KEYSLOT", key))
+        for start, end, primary, *_ in node.command("CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return next(n for n in self.nodes if n.port == int(primary[1]))
+        raise LookupError(f"no node serves slot {slot}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 def _read_resp(stream: Any) -> Any:

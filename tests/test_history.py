@@ -16,7 +16,16 @@ from gateway.history import Cursor, Page, Verdict, recover
 from publisher import Publisher
 from publisher.envelope import build_envelope, parse_envelope
 from publisher.history import APPEND_LUA, HistoryPolicy, history_keys, numbered
-from tests.harness import GatewayFactory, GatewayProcess, RedisServer, client, recv_json, request
+from tests.faults import TcpProxy
+from tests.harness import (
+    GatewayFactory,
+    GatewayProcess,
+    RedisServer,
+    client,
+    recv_json,
+    request,
+    wait_until,
+)
 
 # The rules, without sockets
 
@@ -363,3 +372,39 @@ async def test_a_burst_of_resumes_on_many_channels_waits_for_redis_connections(
     assert [reply["op"] for reply in replies] == ["subscribed"] * count
     clients = redis_server.command("CLIENT", "LIST").count("\n")
     assert clients <= 8 + 1 + 2  # the pool, the subscriber, this CLIENT LIST (and slack)
+
+
+async def test_a_history_restarted_during_an_outage_is_filled_from_its_new_start(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """Redis loses the history while the replica is cut off (a restart without persistence,
+    a failover that lost the last writes): the new epoch's messages all arrive, from 1."""
+    proxy = TcpProxy(redis_server.port).start()
+    try:
+        gateway = gateway_factory(
+            {
+                **HISTORY,
+                "GATEWAY_REDIS_URL": proxy.url,
+                "GATEWAY_RECONNECT_MIN": "0.05",
+                "GATEWAY_RECONNECT_MAX": "0.2",
+            }
+        )
+        policy = HistoryPolicy(("h.*",))
+        with Publisher(redis_server.url, history=policy) as publisher:
+            async with client(gateway.ws_url) as ws:
+                old_epoch = (await _subscribe(ws, "h.reset"))["epoch"]
+                for n in (1, 2):
+                    publisher.publish("h.reset", n)
+                assert [m["offset"] for m in await _messages(ws, 2)] == [1, 2]
+                proxy.refusing = True
+                proxy.cut()
+                await asyncio.to_thread(wait_until, lambda: gateway.http_status("/readyz") == 503)
+                redis_server.command("FLUSHALL")
+                for n in (3, 4, 5):
+                    publisher.publish("h.reset", n)
+                proxy.refusing = False
+                got = await _messages(ws, 3)
+        assert [(m["data"], m["offset"]) for m in got] == [(3, 1), (4, 2), (5, 3)]
+        assert len({m["epoch"] for m in got}) == 1 and got[0]["epoch"] != old_epoch
+    finally:
+        proxy.stop()

@@ -17,10 +17,25 @@ def create_backplane(settings: Settings, on_message: OnMessage) -> Backplane:
         from gateway.backplane.memory import MemoryBackplane
 
         return MemoryBackplane(on_message, settings.history())
+    url = settings.redis_url.get_secret_value()
+    if url.startswith("redis+cluster://"):
+        from gateway.backplane.cluster import RedisClusterBackplane
+
+        return RedisClusterBackplane(
+            url,
+            on_message,
+            prefix=settings.channel_prefix,
+            subscribe_timeout=settings.subscribe_timeout,
+            reconnect_min=settings.reconnect_min,
+            reconnect_max=settings.reconnect_max,
+            refresh_interval=settings.probe_interval,
+            max_connections=settings.redis_max_connections,
+            history=settings.history(),
+        )
     from gateway.backplane.redis import RedisBackplane
 
     return RedisBackplane(
-        settings.redis_url.get_secret_value(),
+        url,
         on_message,
         prefix=settings.channel_prefix,
         subscribe_timeout=settings.subscribe_timeout,

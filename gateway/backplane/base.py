@@ -45,6 +45,10 @@ class Backplane(abc.ABC):
     def connected(self) -> bool:
         """True while messages published now would reach this replica."""
 
+    def node_states(self) -> dict[str, bool]:
+        """Each Redis node connection the backplane holds: node -> connected."""
+        return {}
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Begin connecting. Returns without waiting for the connection to succeed."""

@@ -68,6 +68,8 @@ class RedisBackplane(Backplane):
         super().__init__(on_message, history)
         self.prefix = prefix
         self._prefix = prefix.encode()
+        kwargs = ConnectionPool.from_url(url).connection_kwargs
+        self._node = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         self.subscribe_timeout = subscribe_timeout
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
@@ -120,6 +122,9 @@ class RedisBackplane(Backplane):
     @property
     def connected(self) -> bool:
         return self._connected
+
+    def node_states(self) -> dict[str, bool]:
+        return {self._node: self._connected}
 
     @property
     def subscribed_channels(self) -> int:

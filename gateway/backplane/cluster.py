@@ -1,0 +1,405 @@
+"""Redis Cluster backplane: sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``, Redis 7+).
+
+A classic ``PUBLISH`` on a cluster goes to every node over the cluster bus, so it scales with
+nothing; a sharded channel lives on the primary that serves its slot (``<prefix>C`` hashed,
+or only its ``{hash tag}``), and a message costs only that node. The replica keeps one
+pub/sub connection per primary that serves a channel its clients want (not one per channel or
+per client), subscribes there with one ``SSUBSCRIBE`` per slot, and reconciles whenever the
+topology may have changed: a lost node connection (failover), a ``MOVED`` answer, or the
+server's own ``sunsubscribe`` when a slot migrates away. Reconciling re-reads the slot map,
+moves each wanted channel to the node that serves it now, and then tells the hub to fill its
+history channels from their streams. Commands (SPUBLISH, the history scripts) go through
+redis-py's cluster client, which follows ``MOVED``/``ASK`` itself.
+
+Selected by ``GATEWAY_REDIS_URL=redis+cluster://host:port`` (any node; more seeds after
+commas: ``redis+cluster://h1:p1,h2:p2``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from gateway.backoff import full_jitter
+from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage
+from gateway.history import Page
+from publisher.cluster import parse_cluster_url
+from publisher.history import APPEND_LUA, READ_LUA, HistoryPolicy, history_keys
+
+__all__ = ["RedisClusterBackplane"]
+
+log = logging.getLogger("gateway.backplane")
+
+_LOST = (RedisError, OSError, asyncio.TimeoutError)
+Address = tuple[str, int]
+
+
+class _Node:
+    """The pub/sub connection to one primary, and the channels subscribed on it."""
+
+    def __init__(self, address: Address, options: dict[str, Any], backplane: RedisClusterBackplane):
+        self.address = address
+        self.backplane = backplane
+        self.redis = Redis(host=address[0], port=address[1], retry=Retry(NoBackoff(), 0), **options)
+        self.pubsub: PubSub | None = None
+        self.channels: set[str] = set()  # subscribed here (confirmed or asked)
+        self.waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.connected = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    async def connect(self) -> None:
+        self.pubsub = self.redis.pubsub()
+        await self.pubsub.connect()  # type: ignore[no-untyped-call]
+        self.connected = True
+        self.reader = asyncio.create_task(self._read(), name=f"redis node {self.name}")
+
+    async def subscribe(self, channels: list[str], timeout: float) -> None:
+        """SSUBSCRIBE ``channels`` (one slot) and wait for every confirmation."""
+        assert self.pubsub is not None
+        loop = asyncio.get_running_loop()
+        keys = [self.backplane.key(channel) for channel in channels]
+        waiters = [loop.create_future() for _ in keys]
+        for key, waiter in zip(keys, waiters, strict=True):
+            self.waiters.setdefault(key, collections.deque()).append(waiter)
+        self.channels.update(channels)
+        try:
+            await self.pubsub.ssubscribe(*keys)
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waiters)
+        finally:
+            for key, waiter in zip(keys, waiters, strict=True):
+                queue = self.waiters.get(key)
+                if queue is not None and waiter in queue:
+                    queue.remove(waiter)
+
+    async def unsubscribe(self, channels: list[str]) -> None:
+        self.channels.difference_update(channels)
+        if self.pubsub is not None and self.connected and channels:
+            with contextlib.suppress(*_LOST):
+                await self.pubsub.sunsubscribe(*(self.backplane.key(c) for c in channels))
+
+    async def _read(self) -> None:
+        assert self.pubsub is not None
+        try:
+            while True:
+                try:
+                    message = await self.pubsub.get_message(timeout=None)
+                except ResponseError as exc:  # MOVED for an SSUBSCRIBE: the map is stale
+                    log.info("node %s: %s; re-reading the slot map", self.name, exc)
+                    self._fail_waiters(BackplaneUnavailable(str(exc)))
+                    self.backplane.changed.set()
+                    continue
+                if message is not None:
+                    self._handle(message)
+        except _LOST as exc:
+            if self.connected:
+                log.warning("lost Redis node %s: %s", self.name, exc or type(exc).__name__)
+            self.connected = False
+            self.backplane.mark_down()
+            self._fail_waiters(BackplaneUnavailable(f"lost Redis node {self.name}"))
+            self.backplane.changed.set()
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        key: bytes = message["channel"]
+        if kind == "smessage":
+            name = self.backplane.channel_name(key)
+            if name is not None:
+                try:
+                    self.backplane.on_message(name, message["data"])
+                except Exception:  # a bug in fan-out must not stop the reader
+                    log.exception("fan-out failed for channel %s", name)
+        elif kind == "ssubscribe":
+            queue = self.waiters.get(key)
+            if queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+        elif kind == "sunsubscribe":
+            name = self.backplane.channel_name(key)
+            if name is not None and name in self.channels:
+                # Not asked for: the slot moved to another node (resharding, failover).
+                log.info("node %s dropped channel %s: its slot moved", self.name, name)
+                self.channels.discard(name)
+                self.backplane.changed.set()
+
+    def _fail_waiters(self, exc: Exception) -> None:
+        for queue in self.waiters.values():
+            for waiter in queue:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+        self.waiters.clear()
+
+    async def close(self) -> None:
+        self.connected = False
+        if self.reader is not None:
+            self.reader.cancel()
+            await asyncio.gather(self.reader, return_exceptions=True)
+        self._fail_waiters(BackplaneUnavailable("node connection closed"))
+        if self.pubsub is not None:
+            with contextlib.suppress(*_LOST):
+                await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(*_LOST):
+            await self.redis.aclose()
+
+
+class RedisClusterBackplane(Backplane):
+    name = "redis-cluster"
+
+    def __init__(
+        self,
+        url: str,
+        on_message: OnMessage,
+        *,
+        prefix: str = "ws:",
+        subscribe_timeout: float = 5.0,
+        reconnect_min: float = 0.1,
+        reconnect_max: float = 10.0,
+        refresh_interval: float = 5.0,
+        connect_timeout: float = 5.0,
+        max_connections: int = 32,
+        history: HistoryPolicy | None = None,
+    ) -> None:
+        super().__init__(on_message, history)
+        self.prefix = prefix
+        self._prefix = prefix.encode()
+        self.subscribe_timeout = subscribe_timeout
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.refresh_interval = refresh_interval
+        seeds, options = parse_cluster_url(url)
+        self._options = {
+            **options,
+            "socket_connect_timeout": connect_timeout,
+            "socket_timeout": connect_timeout,
+            "socket_keepalive": True,
+        }
+        self._cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+            max_connections=max_connections,
+            **self._options,
+        )
+        self._append_script = self._cluster.register_script(APPEND_LUA)
+        self._read_script = self._cluster.register_script(READ_LUA)
+        self._wanted: set[str] = set()
+        self.nodes: dict[Address, _Node] = {}
+        self._owner: dict[str, Address] = {}  # wanted channel -> node it is subscribed on
+        self._lock = asyncio.Lock()  # one reconciliation or subscription change at a time
+        self.changed = asyncio.Event()  # the topology may have changed: reconcile
+        self._mapped = False  # the slot map has been read and every wanted channel placed
+        self._ever_up = False
+        self._task: asyncio.Task[None] | None = None
+        self._down_since: float | None = None
+
+    def key(self, channel: str) -> bytes:
+        return (self.prefix + channel).encode()
+
+    def channel_name(self, key: bytes) -> str | None:
+        if not key.startswith(self._prefix):
+            return None
+        return key[len(self._prefix) :].decode("utf-8", "replace")
+
+    @property
+    def connected(self) -> bool:
+        if not self._mapped or len(self._owner) < len(self._wanted):
+            return False  # some wanted channel is not subscribed anywhere right now
+        nodes = self.nodes
+        return all(a in nodes and nodes[a].connected for a in set(self._owner.values()))
+
+    @property
+    def subscribed_channels(self) -> int:
+        return len(self._wanted)
+
+    def node_states(self) -> dict[str, bool]:
+        """Each node connection the replica holds: address -> connected."""
+        return {node.name: node.connected for node in self.nodes.values()}
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="redis cluster backplane")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for node in list(self.nodes.values()):
+            await node.close()
+        self.nodes.clear()
+        with contextlib.suppress(*_LOST):
+            await self._cluster.aclose()
+
+    # Subscriptions
+
+    async def subscribe(self, channel: str) -> None:
+        if not self.connected:
+            raise BackplaneUnavailable("backplane is reconnecting to the Redis cluster")
+        self._wanted.add(channel)
+        try:
+            async with self._lock:
+                await self._place([channel])
+        except (*_LOST, BackplaneUnavailable) as exc:
+            self._wanted.discard(channel)
+            self._owner.pop(channel, None)
+            self.changed.set()
+            raise BackplaneUnavailable(f"Redis did not confirm the subscription: {exc}") from None
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._wanted.discard(channel)
+        async with self._lock:
+            address = self._owner.pop(channel, None)
+            node = self.nodes.get(address) if address is not None else None
+            if node is not None:
+                await node.unsubscribe([channel])
+
+    async def _place(self, channels: list[str]) -> None:
+        """Subscribe ``channels`` on the primaries that serve them now, one SSUBSCRIBE per slot."""
+        by_node: dict[Address, dict[int, list[str]]] = collections.defaultdict(dict)
+        for channel in channels:
+            address = self._server_of(channel)
+            if address is None:
+                raise BackplaneUnavailable(f"no node serves channel {channel}")
+            slot = self._cluster.keyslot(self.prefix + channel)
+            by_node[address].setdefault(slot, []).append(channel)
+        for address, slots in by_node.items():
+            link = await self._node(address)
+            for group in slots.values():
+                await link.subscribe(group, self.subscribe_timeout)
+                for channel in group:
+                    self._owner[channel] = address
+
+    def _server_of(self, channel: str) -> Address | None:
+        """The primary that serves ``channel``'s slot in the slot map last read."""
+        server = self._cluster.get_node_from_key(self.prefix + channel)
+        return (server.host, int(server.port)) if server is not None else None
+
+    async def _node(self, address: Address) -> _Node:
+        node = self.nodes.get(address)
+        if node is None or not node.connected:
+            if node is not None:
+                await node.close()
+            node = self.nodes[address] = _Node(address, self._options, self)
+            await node.connect()
+        return node
+
+    # Publishing and history
+
+    async def publish(self, channel: str, envelope: bytes) -> int:
+        try:
+            policy = self.history_policy
+            if policy.applies(channel):
+                keys = history_keys(self.prefix, channel)
+                args = policy.append_args(self.prefix + channel, envelope, sharded=True)
+                _, _, receivers = await self._append_script(keys, args)
+                return int(receivers)
+            return int(await self._cluster.execute_command("SPUBLISH", self.key(channel), envelope))
+        except _LOST as exc:
+            raise BackplaneUnavailable(f"Redis cluster is unavailable: {exc}") from None
+
+    async def history(self, channel: str, after: int) -> Page:
+        keys = history_keys(self.prefix, channel)
+        entries: list[tuple[int, bytes]] = []
+        epoch: str | None = None
+        try:
+            while True:
+                raw_epoch, top, raw_entries = await self._read_script(
+                    keys, self.history_policy.read_args(after, self.history_policy.size)
+                )
+                page_epoch = raw_epoch.decode()
+                if epoch is not None and page_epoch != epoch:
+                    return Page(page_epoch, int(top))
+                epoch = page_epoch
+                for entry_id, fields in raw_entries:
+                    entries.append((int(entry_id.split(b"-", 1)[1]), fields[1]))
+                if not raw_entries or entries[-1][0] >= int(top):
+                    return Page(epoch, int(top), entries)
+                after = entries[-1][0]
+        except _LOST as exc:
+            raise BackplaneUnavailable(f"Redis cluster is unavailable: {exc}") from None
+
+    # Keeping up with the topology
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._reconcile()
+                attempt = 0
+                wait = self.refresh_interval
+            except asyncio.CancelledError:
+                raise
+            except (*_LOST, BackplaneUnavailable) as exc:
+                if self._mapped:
+                    log.warning("Redis cluster topology unsettled: %s", exc)
+                else:
+                    log.warning("cannot reach the Redis cluster: %s", exc)
+                self.mark_down()
+                wait = full_jitter(attempt, self.reconnect_min, self.reconnect_max)
+                attempt += 1
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.changed.wait()
+            self.changed.clear()
+
+    async def _reconcile(self) -> None:
+        """Re-read the slot map; move every wanted channel to the node serving it now."""
+        was_up = self.connected
+        async with self._lock:
+            await self._cluster.nodes_manager.initialize()
+            misplaced: list[str] = []
+            for channel in self._wanted:
+                address = self._server_of(channel)
+                current = self._owner.get(channel)
+                holder = self.nodes.get(current) if current is not None else None
+                if (
+                    address != current
+                    or holder is None
+                    or not holder.connected
+                    or channel not in holder.channels
+                ):
+                    misplaced.append(channel)
+                    if holder is not None and holder.connected and address != current:
+                        await holder.unsubscribe([channel])
+                    self._owner.pop(channel, None)
+            if misplaced:
+                await self._place(misplaced)
+            in_use = set(self._owner.values())
+            for address, node in list(self.nodes.items()):
+                if address not in in_use:  # no wanted channel lives there any more
+                    await node.close()
+                    del self.nodes[address]
+            self._mapped = True
+        if not was_up and self.connected:
+            self._mark_up()
+        elif misplaced and self.connected and self.on_resume is not None:
+            self.on_resume()  # messages of the moved channels may have gone meanwhile
+
+    def mark_down(self) -> None:
+        if self._ever_up and self._down_since is None:
+            self._down_since = time.monotonic()
+
+    def _mark_up(self) -> None:
+        if not self._ever_up:
+            self._ever_up = True
+            log.info("connected to the Redis cluster: %d nodes", len(self._cluster.get_nodes()))
+            return
+        outage = time.monotonic() - (self._down_since or time.monotonic())
+        self.outage_seconds += outage
+        self.reconnects += 1
+        self._down_since = None
+        log.info("Redis cluster back after %.2fs; %d channels placed", outage, len(self._wanted))
+        if self.on_resume is not None:
+            self.on_resume()
