@@ -154,7 +154,7 @@ def _bad_channel(channel: str) -> str:
     shown = channel if len(channel) <= 64 else channel[:64] + "..."
     return (
         f"invalid channel name {shown!r}: 1 to {CHANNEL_MAX_LENGTH} characters "
-        "from A-Z a-z 0-9 _ . : @ / -"
+        "from A-Z a-z 0-9 _ . : @ / -, with at most one non-empty {hash tag}"
     )
 
 

@@ -49,8 +49,10 @@ __all__ = [
 ]
 
 CHANNEL_MAX_LENGTH = 128
-#: 1 to 128 characters from ``A-Z a-z 0-9 _ . : @ / -`` (DESIGN.md section 2).
-CHANNEL_PATTERN = r"^[A-Za-z0-9_.:@/\-]{1,128}$"
+#: 1 to 128 characters from ``A-Z a-z 0-9 _ . : @ / -`` (DESIGN.md section 2), with at most
+#: one ``{hash tag}`` (a ``{``, at least one of those characters, a ``}``): on a Redis Cluster
+#: channels with the same tag live on the same node (docs/cluster.md).
+CHANNEL_PATTERN = r"^[A-Za-z0-9_.:@/\-]*(\{[A-Za-z0-9_.:@/\-]+\}[A-Za-z0-9_.:@/\-]*)?$"
 MID_MAX_LENGTH = 128
 MID_PATTERN = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces: safe in logs and headers
 #: W3C trace context ``version-traceid-parentid-flags``.
@@ -75,7 +77,11 @@ _epoch_re = re.compile(EPOCH_PATTERN)
 
 # fullmatch, not the patterns' "$": Python's "$" also matches before a trailing newline.
 def is_valid_channel(channel: object) -> bool:
-    return isinstance(channel, str) and _channel_re.fullmatch(channel) is not None
+    return (
+        isinstance(channel, str)
+        and 1 <= len(channel) <= CHANNEL_MAX_LENGTH
+        and _channel_re.fullmatch(channel) is not None
+    )
 
 
 def is_valid_mid(mid: object) -> bool:
@@ -94,13 +100,21 @@ def check_channel(channel: object) -> str:
     if not is_valid_channel(channel):
         raise EnvelopeError(
             f"invalid channel name {channel!r}: 1 to {CHANNEL_MAX_LENGTH} characters "
-            "from A-Z a-z 0-9 _ . : @ / -"
+            "from A-Z a-z 0-9 _ . : @ / -, with at most one non-empty {hash tag}"
         )
     assert isinstance(channel, str)
     return channel
 
 
-Channel = Annotated[str, Field(pattern=CHANNEL_PATTERN, description="channel name, without prefix")]
+Channel = Annotated[
+    str,
+    Field(
+        pattern=CHANNEL_PATTERN,
+        min_length=1,
+        max_length=CHANNEL_MAX_LENGTH,
+        description="channel name, without prefix",
+    ),
+]
 
 
 class EnvelopeV1(BaseModel):

@@ -8,7 +8,10 @@ A channel ``C`` whose name matches the history patterns keeps, besides its pub/s
 * ``{<prefix>C}:meta``: a hash with the channel's ``epoch`` and its last ``offset``.
 
 The ``{...}`` hash tag puts both keys in the slot of the pub/sub channel ``<prefix>C`` on a
-Redis Cluster. :data:`APPEND` numbers, stores and publishes a message in one atomic step, so
+Redis Cluster (a channel with a hash tag of its own, ``room{7}``, keeps it: the keys are
+``<prefix>room{7}:history`` and ``<prefix>room{7}:meta``).
+
+:data:`APPEND_LUA` numbers, stores and publishes a message in one atomic step, so
 every subscriber sees offsets in order and the stream holds everything that was published.
 If the meta hash is lost (a Redis restart without persistence, a FLUSHALL, its retention ran
 out) the next append picks a new epoch and offsets restart at 1; clients holding the old epoch
@@ -22,13 +25,33 @@ import secrets
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-__all__ = ["APPEND_LUA", "READ_LUA", "HistoryPolicy", "history_keys", "new_epoch", "numbered"]
+__all__ = [
+    "APPEND_LUA",
+    "READ_LUA",
+    "HistoryPolicy",
+    "hash_tag",
+    "history_keys",
+    "new_epoch",
+    "numbered",
+]
+
+
+def hash_tag(name: str) -> str | None:
+    """The part of ``name`` Redis Cluster hashes, if it has a hash tag: what lies between
+    the first ``{`` and the first ``}`` after it, when that is not empty."""
+    start = name.find("{")
+    if start < 0:
+        return None
+    end = name.find("}", start + 1)
+    return name[start + 1 : end] if end > start + 1 else None
 
 
 def history_keys(prefix: str, channel: str) -> tuple[str, str]:
-    """The stream and meta keys of ``channel``."""
-    tag = "{" + prefix + channel + "}"
-    return tag + ":history", tag + ":meta"
+    """The stream and meta keys of ``channel``, in the slot of its pub/sub channel: the
+    channel's own hash tag when it has one, else the whole channel name as the tag."""
+    name = prefix + channel
+    base = name if hash_tag(name) is not None else "{" + name + "}"
+    return base + ":history", base + ":meta"
 
 
 def numbered(envelope: bytes, offset: int, epoch: str) -> bytes:

@@ -189,3 +189,25 @@ async def test_a_resharded_slot_is_followed_without_losing_the_subscription(
             await async_wait_until(lambda: shard_subscribers(target, channel) == 1, timeout=10)
             assert publisher.publish(channel, "after") == 1
             assert (await recv_json(ws))["data"] == "after"
+
+
+async def test_hash_tags_put_related_channels_and_their_history_on_one_node(
+    cluster: RedisClusterServers, gateway_factory: GatewayFactory
+) -> None:
+    gateway = gateway_factory({**FAST, "GATEWAY_REDIS_URL": cluster.url})
+    related = ["h.{room7}.chat", "h.{room7}.typing", "{room7}.presence"]
+    assert len({cluster.owner("ws:" + channel).port for channel in related}) == 1
+    policy = HistoryPolicy(("h.*",))
+    async with client(gateway.ws_url) as ws:
+        await subscribe_all(ws, related)
+        with Publisher(cluster.url, history=policy) as publisher:
+            for channel in related:
+                assert publisher.publish(channel, channel) == 1
+                message = await recv_json(ws)
+                assert (message["channel"], message["data"]) == (channel, channel)
+                assert ("offset" in message) == channel.startswith("h.")
+        node = cluster.owner("ws:" + related[0])
+        # One SSUBSCRIBE per slot: the three channels share one slot and one connection.
+        assert gateway_connections(node) == 1
+        stream = node.command("XRANGE", "ws:h.{room7}.chat:history", "-", "+")
+        assert len(stream) == 1

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from redis.crc import key_slot
 
 from gateway.history import Cursor, Page, Verdict, recover
 from publisher import Publisher
-from publisher.envelope import build_envelope, parse_envelope
+from publisher.envelope import build_envelope, is_valid_channel, parse_envelope
 from publisher.history import APPEND_LUA, HistoryPolicy, history_keys, numbered
 from tests.faults import TcpProxy
 from tests.harness import (
@@ -408,3 +409,14 @@ async def test_a_history_restarted_during_an_outage_is_filled_from_its_new_start
         assert len({m["epoch"] for m in got}) == 1 and got[0]["epoch"] != old_epoch
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize(
+    "channel", ["news", "room{7}.chat", "{room7}.typing", "{r}", "a{b}", "x.y:z@w/v-u_t"]
+)
+def test_history_keys_live_in_the_slot_of_their_channel(channel: str) -> None:
+    assert is_valid_channel(channel)
+    stream, meta = history_keys("ws:", channel)
+    slot = key_slot(("ws:" + channel).encode())
+    assert key_slot(stream.encode()) == key_slot(meta.encode()) == slot
+    assert stream != meta and channel in stream

@@ -118,7 +118,7 @@ json_values = st.recursive(
 )
 channels = st.one_of(
     st.text(max_size=140),
-    st.from_regex(r"[A-Za-z0-9_.:@/\-]{1,128}", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9_.:@/\-{}]{1,128}", fullmatch=True),  # braces valid only as a tag
     st.sampled_from(["sentinel", "pub.x", "news", "", "a b", "x" * 129]),
 )
 requests = st.fixed_dictionaries(
@@ -160,8 +160,15 @@ def test_arbitrary_channel_names(replica: Replica, channel: str) -> None:
     with replica.connect() as ws:
         ws.send(json.dumps({"op": "subscribe", "channel": channel, "id": 1}))
         answer = json.loads(ws.recv(5))
-        valid = 1 <= len(channel) <= 128 and all(
-            c.isascii() and (c.isalnum() or c in "_.:@/-") for c in channel
+        plain = channel.replace("{", "").replace("}", "")
+        tag_ok = (channel.count("{"), channel.count("}")) == (0, 0) or (
+            channel.count("{") == channel.count("}") == 1
+            and channel.index("{") + 1 < channel.index("}")
+        )
+        valid = (
+            1 <= len(channel) <= 128
+            and tag_ok
+            and all(c.isascii() and (c.isalnum() or c in "_.:@/-") for c in plain)
         )
         assert answer["op"] == ("subscribed" if valid else "error"), (channel, answer)
         assert answer["id"] == 1

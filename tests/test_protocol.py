@@ -22,6 +22,7 @@ from gateway.protocol import (
     parse_request,
     reply,
 )
+from publisher.envelope import is_valid_channel
 
 
 def parse_frame(data: bytes) -> Frame:
@@ -141,3 +142,21 @@ def test_frame_lengths(size: int) -> None:
     raw = json.dumps({"v": 1, "channel": "c", "data": "x" * size, "mid": "m", "ts": 0}).encode()
     item = message(decode_envelope(raw, "c"))
     assert parse_frame(item.frame).data == item.text
+
+
+@pytest.mark.parametrize(
+    ("channel", "valid"),
+    [
+        ("room{7}.chat", True),
+        ("{room7}", True),
+        ("a{b}c", True),
+        ("a{}b", False),  # an empty tag is no tag
+        ("a{b}{c}", False),  # one tag at most
+        ("a}b{c", False),
+        ("a{b", False),
+        ("{", False),
+        ("a{b c}", False),
+    ],
+)
+def test_channel_names_may_carry_one_hash_tag(channel: str, valid: bool) -> None:
+    assert is_valid_channel(channel) is valid
