@@ -72,7 +72,7 @@ async def subscribe_all(ws: Any, channels: list[str]) -> None:
 async def test_channels_on_every_primary_reach_subscribers_on_both_replicas(
     cluster: RedisClusterServers, gateway_factory: GatewayFactory
 ) -> None:
-    env = {**FAST, "GATEWAY_REDIS_URL": cluster.url}
+    env = {**FAST, "GATEWAY_REDIS_URL": cluster.url, "GATEWAY_ANONYMOUS_PUBLISH": "*"}
     replicas = [gateway_factory(env), gateway_factory(env)]
     spread = channels_on_every_primary(cluster, "room")
     more = channels_on_every_primary(cluster, "feed")  # a second channel on each primary
@@ -94,6 +94,20 @@ async def test_channels_on_every_primary_reach_subscribers_on_both_replicas(
             for replica in replicas:
                 assert replica.metric("wsgateway_backplane_node_connected") == 3
                 assert replica.http("/readyz") == (200, "ready\n")
+            # A client publishing through a replica: SPUBLISH from the gateway itself.
+            reply = await request(
+                first, {"op": "publish", "channel": channels[1], "data": "hi", "id": 3}
+            )
+            assert reply["op"] == "published", reply
+            for ws in (first, second):
+                assert (await recv_json(ws))["data"] == "hi"
+            # A malformed envelope is counted and dropped; the next valid one is delivered.
+            owner = cluster.owner("ws:" + channels[2])
+            assert owner.command("SPUBLISH", "ws:" + channels[2], "not json") == 2
+            assert publisher.publish(channels[2], "valid") == 2
+            for ws in (first, second):
+                assert (await recv_json(ws))["data"] == "valid"
+            assert replicas[0].metric("wsgateway_messages_malformed_total") == 1
             # Reference counts hold: the last local subscriber gone, the replica leaves.
             await request(first, {"op": "unsubscribe", "channel": channels[0], "id": 2})
         node = cluster.owner("ws:" + channels[0])
@@ -211,3 +225,29 @@ async def test_hash_tags_put_related_channels_and_their_history_on_one_node(
         assert gateway_connections(node) == 1
         stream = node.command("XRANGE", "ws:h.{room7}.chat:history", "-", "+")
         assert len(stream) == 1
+
+
+async def test_a_silent_node_connection_is_detected_and_replaced(
+    cluster: RedisClusterServers, gateway_factory: GatewayFactory
+) -> None:
+    """A node that stops answering (CLIENT PAUSE: connections open, nothing processed) is
+    found by the per-node probe, not by a socket timeout, and its channels re-subscribed."""
+    gateway = gateway_factory(
+        {
+            **FAST,
+            "GATEWAY_REDIS_URL": cluster.url,
+            "GATEWAY_PROBE_INTERVAL": "0.3",
+            "GATEWAY_PROBE_TIMEOUT": "0.5",
+        }
+    )
+    node = cluster.owner("ws:quiet")
+    async with client(gateway.ws_url) as ws:
+        await subscribe_all(ws, ["quiet"])
+        node.command("CLIENT", "PAUSE", "3000", "ALL")
+        await asyncio.to_thread(wait_until, lambda: "is silent" in gateway.logs(), 3)
+        assert gateway.http_status("/readyz") == 503
+        assert f"127.0.0.1:{node.port} down" in gateway.http("/readyz")[1]
+        await asyncio.to_thread(wait_until, lambda: gateway.http_status("/readyz") == 200, 20)
+        with Publisher(cluster.url) as publisher:
+            assert publisher.publish("quiet", "after") == 1
+        assert (await recv_json(ws))["data"] == "after"

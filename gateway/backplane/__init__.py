@@ -28,7 +28,8 @@ def create_backplane(settings: Settings, on_message: OnMessage) -> Backplane:
             subscribe_timeout=settings.subscribe_timeout,
             reconnect_min=settings.reconnect_min,
             reconnect_max=settings.reconnect_max,
-            refresh_interval=settings.probe_interval,
+            probe_interval=settings.probe_interval,
+            probe_timeout=settings.probe_timeout,
             max_connections=settings.redis_max_connections,
             history=settings.history(),
         )

@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
+import uuid
 from typing import Any
 
 from redis.asyncio import Redis
@@ -29,6 +31,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.backoff import full_jitter
@@ -57,26 +60,38 @@ class _Node:
         self.waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
         self.reader: asyncio.Task[None] | None = None
         self.connected = False
+        # A sharded channel in one of this node's slots that only this replica uses: a
+        # SPUBLISH to it must come back through this connection (see _probe_loop).
+        self.probe_key: bytes | None = None
+        self.probe_seen = 0
+        self.probe_arrived = asyncio.Event()
+        self.prober: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
 
-    async def connect(self) -> None:
+    async def connect(self, probe_key: bytes | None, timeout: float) -> None:
         self.pubsub = self.redis.pubsub()
         await self.pubsub.connect()  # type: ignore[no-untyped-call]
         self.connected = True
         self.reader = asyncio.create_task(self._read(), name=f"redis node {self.name}")
+        if probe_key is not None:
+            self.probe_key = probe_key
+            await self._ssubscribe([probe_key], timeout)
+            self.prober = asyncio.create_task(self._probe_loop(), name=f"probe {self.name}")
 
     async def subscribe(self, channels: list[str], timeout: float) -> None:
         """SSUBSCRIBE ``channels`` (one slot) and wait for every confirmation."""
+        self.channels.update(channels)
+        await self._ssubscribe([self.backplane.key(channel) for channel in channels], timeout)
+
+    async def _ssubscribe(self, keys: list[bytes], timeout: float) -> None:
         assert self.pubsub is not None
         loop = asyncio.get_running_loop()
-        keys = [self.backplane.key(channel) for channel in channels]
         waiters = [loop.create_future() for _ in keys]
         for key, waiter in zip(keys, waiters, strict=True):
             self.waiters.setdefault(key, collections.deque()).append(waiter)
-        self.channels.update(channels)
         try:
             await self.pubsub.ssubscribe(*keys)
             async with asyncio.timeout(timeout):
@@ -114,10 +129,43 @@ class _Node:
             self._fail_waiters(BackplaneUnavailable(f"lost Redis node {self.name}"))
             self.backplane.changed.set()
 
+    async def _probe_loop(self) -> None:
+        """Every probe interval, a SPUBLISH to the probe channel must come back within the
+        probe timeout; else this connection is silent (half-open, paused node) and replaced."""
+        backplane = self.backplane
+        assert self.probe_key is not None
+        for number in itertools.count(1):
+            await asyncio.sleep(backplane.probe_interval)
+            self.probe_arrived.clear()
+            try:
+                async with asyncio.timeout(backplane.probe_timeout):
+                    await backplane.spublish(self.probe_key, str(number).encode())
+                    while self.probe_seen < number:
+                        await self.probe_arrived.wait()
+                        self.probe_arrived.clear()
+            except Exception as exc:  # whatever stops the probe, the connection is suspect
+                if not isinstance(exc, (*_LOST, BackplaneUnavailable)):
+                    log.exception("probe of Redis node %s failed", self.name)
+                log.warning(
+                    "Redis node %s is silent: probe not delivered within %.1fs (%s)",
+                    self.name,
+                    backplane.probe_timeout,
+                    exc or type(exc).__name__,
+                )
+                self.connected = False
+                self._fail_waiters(BackplaneUnavailable(f"Redis node {self.name} is silent"))
+                backplane.mark_down()
+                backplane.changed.set()
+                return
+
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         key: bytes = message["channel"]
-        if kind == "smessage":
+        if kind == "smessage" and key == self.probe_key:
+            with contextlib.suppress(ValueError):
+                self.probe_seen = max(self.probe_seen, int(message["data"]))
+            self.probe_arrived.set()
+        elif kind == "smessage":
             name = self.backplane.channel_name(key)
             if name is not None:
                 try:
@@ -147,9 +195,10 @@ class _Node:
 
     async def close(self) -> None:
         self.connected = False
-        if self.reader is not None:
-            self.reader.cancel()
-            await asyncio.gather(self.reader, return_exceptions=True)
+        for task in (self.reader, self.prober):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._fail_waiters(BackplaneUnavailable("node connection closed"))
         if self.pubsub is not None:
             with contextlib.suppress(*_LOST):
@@ -170,7 +219,8 @@ class RedisClusterBackplane(Backplane):
         subscribe_timeout: float = 5.0,
         reconnect_min: float = 0.1,
         reconnect_max: float = 10.0,
-        refresh_interval: float = 5.0,
+        probe_interval: float = 5.0,
+        probe_timeout: float = 3.0,
         connect_timeout: float = 5.0,
         max_connections: int = 32,
         history: HistoryPolicy | None = None,
@@ -181,7 +231,9 @@ class RedisClusterBackplane(Backplane):
         self.subscribe_timeout = subscribe_timeout
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
-        self.refresh_interval = refresh_interval
+        self.probe_interval = probe_interval  # also how often the slot map is re-read
+        self.probe_timeout = probe_timeout
+        self._probe_id = uuid.uuid4().hex
         seeds, options = parse_cluster_url(url)
         self._options = {
             **options,
@@ -203,6 +255,7 @@ class RedisClusterBackplane(Backplane):
         self.changed = asyncio.Event()  # the topology may have changed: reconcile
         self._mapped = False  # the slot map has been read and every wanted channel placed
         self._ever_up = False
+        self._client_ready = False
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
 
@@ -292,8 +345,22 @@ class RedisClusterBackplane(Backplane):
             if node is not None:
                 await node.close()
             node = self.nodes[address] = _Node(address, self._options, self)
-            await node.connect()
+            await node.connect(self._probe_key(address), self.subscribe_timeout)
         return node
+
+    def _probe_key(self, address: Address) -> bytes | None:
+        """A channel no client can name ('#'), hashed by a tag into a slot ``address`` serves."""
+        slots = self._cluster.nodes_manager.slots_cache
+        name = f"{address[0]}:{address[1]}"
+        for number in range(65536):
+            tag = format(number, "x")
+            owners = slots.get(key_slot(tag.encode()))
+            if owners and owners[0].name == name:
+                return f"{self.prefix}#probe#{self._probe_id}{{{tag}}}".encode()
+        return None  # serves no slot: nothing to probe
+
+    async def spublish(self, key: bytes, payload: bytes) -> int:
+        return int(await self._cluster.execute_command("SPUBLISH", key, payload))
 
     # Publishing and history
 
@@ -305,7 +372,7 @@ class RedisClusterBackplane(Backplane):
                 args = policy.append_args(self.prefix + channel, envelope, sharded=True)
                 _, _, receivers = await self._append_script(keys, args)
                 return int(receivers)
-            return int(await self._cluster.execute_command("SPUBLISH", self.key(channel), envelope))
+            return await self.spublish(self.key(channel), envelope)
         except _LOST as exc:
             raise BackplaneUnavailable(f"Redis cluster is unavailable: {exc}") from None
 
@@ -338,7 +405,7 @@ class RedisClusterBackplane(Backplane):
             try:
                 await self._reconcile()
                 attempt = 0
-                wait = self.refresh_interval
+                wait = self.probe_interval
             except asyncio.CancelledError:
                 raise
             except (*_LOST, BackplaneUnavailable) as exc:
@@ -358,7 +425,13 @@ class RedisClusterBackplane(Backplane):
         """Re-read the slot map; move every wanted channel to the node serving it now."""
         was_up = self.connected
         async with self._lock:
-            await self._cluster.nodes_manager.initialize()
+            if not self._client_ready:
+                # The first time the whole client (slot map and command parser), later
+                # just the slot map.
+                await self._cluster.initialize()
+                self._client_ready = True
+            else:
+                await self._cluster.nodes_manager.initialize()
             misplaced: list[str] = []
             for channel in self._wanted:
                 address = self._server_of(channel)
