@@ -6,7 +6,7 @@ one replica, the default when no Redis URL is set) and :mod:`~gateway.backplane.
 
 from __future__ import annotations
 
-from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage
+from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage, RedisOptions
 from gateway.settings import Settings
 
 __all__ = ["Backplane", "BackplaneUnavailable", "OnMessage", "create_backplane"]
@@ -18,26 +18,7 @@ def create_backplane(settings: Settings, on_message: OnMessage) -> Backplane:
 
         return MemoryBackplane(on_message, settings.history())
     url = settings.redis_url.get_secret_value()
-    if url.startswith("redis+cluster://"):
-        from gateway.backplane.cluster import RedisClusterBackplane
-
-        return RedisClusterBackplane(
-            url,
-            on_message,
-            prefix=settings.channel_prefix,
-            subscribe_timeout=settings.subscribe_timeout,
-            reconnect_min=settings.reconnect_min,
-            reconnect_max=settings.reconnect_max,
-            probe_interval=settings.probe_interval,
-            probe_timeout=settings.probe_timeout,
-            max_connections=settings.redis_max_connections,
-            history=settings.history(),
-        )
-    from gateway.backplane.redis import RedisBackplane
-
-    return RedisBackplane(
-        url,
-        on_message,
+    options = RedisOptions(
         prefix=settings.channel_prefix,
         subscribe_timeout=settings.subscribe_timeout,
         reconnect_min=settings.reconnect_min,
@@ -45,5 +26,11 @@ def create_backplane(settings: Settings, on_message: OnMessage) -> Backplane:
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
         max_connections=settings.redis_max_connections,
-        history=settings.history(),
     )
+    if url.startswith("redis+cluster://"):
+        from gateway.backplane.cluster import RedisClusterBackplane
+
+        return RedisClusterBackplane(url, on_message, options, settings.history())
+    from gateway.backplane.redis import RedisBackplane
+
+    return RedisBackplane(url, on_message, options, settings.history())

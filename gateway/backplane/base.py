@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gateway.history import Page
 from publisher.history import HistoryPolicy
 
-__all__ = ["Backplane", "BackplaneUnavailable", "OnMessage"]
+__all__ = ["Backplane", "BackplaneUnavailable", "OnMessage", "RedisOptions"]
 
 #: Called with (channel without prefix, envelope bytes) for every message received. It must
 #: not block: the backplane's reader goes straight back to reading when it returns.
 OnMessage = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """What the ``redis`` and ``redis-cluster`` backplanes share (seconds unless told)."""
+
+    prefix: str = "ws:"
+    subscribe_timeout: float = 5.0
+    reconnect_min: float = 0.1
+    reconnect_max: float = 10.0
+    probe_interval: float = 5.0  # on a cluster, also how often the slot map is re-read
+    probe_timeout: float = 3.0
+    connect_timeout: float = 5.0
+    max_connections: int = 32  # command connections (per node on a cluster)
 
 
 class BackplaneUnavailable(Exception):

@@ -35,10 +35,11 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.backoff import full_jitter
-from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage
+from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage, RedisOptions
+from gateway.backplane.streams import Streams
 from gateway.history import Page
 from publisher.cluster import parse_cluster_url
-from publisher.history import APPEND_LUA, READ_LUA, HistoryPolicy, history_keys
+from publisher.history import HistoryPolicy
 
 __all__ = ["RedisClusterBackplane"]
 
@@ -135,10 +136,10 @@ class _Node:
         backplane = self.backplane
         assert self.probe_key is not None
         for number in itertools.count(1):
-            await asyncio.sleep(backplane.probe_interval)
+            await asyncio.sleep(backplane.options.probe_interval)
             self.probe_arrived.clear()
             try:
-                async with asyncio.timeout(backplane.probe_timeout):
+                async with asyncio.timeout(backplane.options.probe_timeout):
                     await backplane.spublish(self.probe_key, str(number).encode())
                     while self.probe_seen < number:
                         await self.probe_arrived.wait()
@@ -149,7 +150,7 @@ class _Node:
                 log.warning(
                     "Redis node %s is silent: probe not delivered within %.1fs (%s)",
                     self.name,
-                    backplane.probe_timeout,
+                    backplane.options.probe_timeout,
                     exc or type(exc).__name__,
                 )
                 self.connected = False
@@ -214,40 +215,28 @@ class RedisClusterBackplane(Backplane):
         self,
         url: str,
         on_message: OnMessage,
-        *,
-        prefix: str = "ws:",
-        subscribe_timeout: float = 5.0,
-        reconnect_min: float = 0.1,
-        reconnect_max: float = 10.0,
-        probe_interval: float = 5.0,
-        probe_timeout: float = 3.0,
-        connect_timeout: float = 5.0,
-        max_connections: int = 32,
+        options: RedisOptions | None = None,
         history: HistoryPolicy | None = None,
     ) -> None:
         super().__init__(on_message, history)
+        self.options = options = options or RedisOptions()
+        prefix = options.prefix
         self.prefix = prefix
         self._prefix = prefix.encode()
-        self.subscribe_timeout = subscribe_timeout
-        self.reconnect_min = reconnect_min
-        self.reconnect_max = reconnect_max
-        self.probe_interval = probe_interval  # also how often the slot map is re-read
-        self.probe_timeout = probe_timeout
         self._probe_id = uuid.uuid4().hex
-        seeds, options = parse_cluster_url(url)
-        self._options = {
-            **options,
-            "socket_connect_timeout": connect_timeout,
-            "socket_timeout": connect_timeout,
+        seeds, credentials = parse_cluster_url(url)
+        self._connection: dict[str, Any] = {
+            **credentials,
+            "socket_connect_timeout": options.connect_timeout,
+            "socket_timeout": options.connect_timeout,
             "socket_keepalive": True,
         }
         self._cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in seeds],
-            max_connections=max_connections,
-            **self._options,
+            max_connections=options.max_connections,
+            **self._connection,
         )
-        self._append_script = self._cluster.register_script(APPEND_LUA)
-        self._read_script = self._cluster.register_script(READ_LUA)
+        self._streams = Streams(self._cluster, prefix, self.history_policy, sharded=True)
         self._wanted: set[str] = set()
         self.nodes: dict[Address, _Node] = {}
         self._owner: dict[str, Address] = {}  # wanted channel -> node it is subscribed on
@@ -330,7 +319,7 @@ class RedisClusterBackplane(Backplane):
         for address, slots in by_node.items():
             link = await self._node(address)
             for group in slots.values():
-                await link.subscribe(group, self.subscribe_timeout)
+                await link.subscribe(group, self.options.subscribe_timeout)
                 for channel in group:
                     self._owner[channel] = address
 
@@ -344,8 +333,8 @@ class RedisClusterBackplane(Backplane):
         if node is None or not node.connected:
             if node is not None:
                 await node.close()
-            node = self.nodes[address] = _Node(address, self._options, self)
-            await node.connect(self._probe_key(address), self.subscribe_timeout)
+            node = self.nodes[address] = _Node(address, self._connection, self)
+            await node.connect(self._probe_key(address), self.options.subscribe_timeout)
         return node
 
     def _probe_key(self, address: Address) -> bytes | None:
@@ -366,34 +355,15 @@ class RedisClusterBackplane(Backplane):
 
     async def publish(self, channel: str, envelope: bytes) -> int:
         try:
-            policy = self.history_policy
-            if policy.applies(channel):
-                keys = history_keys(self.prefix, channel)
-                args = policy.append_args(self.prefix + channel, envelope, sharded=True)
-                _, _, receivers = await self._append_script(keys, args)
-                return int(receivers)
+            if self.history_policy.applies(channel):
+                return await self._streams.append(channel, envelope)
             return await self.spublish(self.key(channel), envelope)
         except _LOST as exc:
             raise BackplaneUnavailable(f"Redis cluster is unavailable: {exc}") from None
 
     async def history(self, channel: str, after: int) -> Page:
-        keys = history_keys(self.prefix, channel)
-        entries: list[tuple[int, bytes]] = []
-        epoch: str | None = None
         try:
-            while True:
-                raw_epoch, top, raw_entries = await self._read_script(
-                    keys, self.history_policy.read_args(after, self.history_policy.size)
-                )
-                page_epoch = raw_epoch.decode()
-                if epoch is not None and page_epoch != epoch:
-                    return Page(page_epoch, int(top))
-                epoch = page_epoch
-                for entry_id, fields in raw_entries:
-                    entries.append((int(entry_id.split(b"-", 1)[1]), fields[1]))
-                if not raw_entries or entries[-1][0] >= int(top):
-                    return Page(epoch, int(top), entries)
-                after = entries[-1][0]
+            return await self._streams.read(channel, after)
         except _LOST as exc:
             raise BackplaneUnavailable(f"Redis cluster is unavailable: {exc}") from None
 
@@ -405,7 +375,7 @@ class RedisClusterBackplane(Backplane):
             try:
                 await self._reconcile()
                 attempt = 0
-                wait = self.probe_interval
+                wait = self.options.probe_interval
             except asyncio.CancelledError:
                 raise
             except (*_LOST, BackplaneUnavailable) as exc:
@@ -414,7 +384,7 @@ class RedisClusterBackplane(Backplane):
                 else:
                     log.warning("cannot reach the Redis cluster: %s", exc)
                 self.mark_down()
-                wait = full_jitter(attempt, self.reconnect_min, self.reconnect_max)
+                wait = full_jitter(attempt, self.options.reconnect_min, self.options.reconnect_max)
                 attempt += 1
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):

@@ -31,9 +31,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.backoff import full_jitter
-from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage
+from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage, RedisOptions
+from gateway.backplane.streams import Streams
 from gateway.history import Page
-from publisher.history import APPEND_LUA, READ_LUA, HistoryPolicy, history_keys
+from publisher.history import HistoryPolicy
 
 __all__ = ["RedisBackplane"]
 
@@ -54,37 +55,26 @@ class RedisBackplane(Backplane):
         self,
         url: str,
         on_message: OnMessage,
-        *,
-        prefix: str = "ws:",
-        subscribe_timeout: float = 5.0,
-        reconnect_min: float = 0.1,
-        reconnect_max: float = 10.0,
-        probe_interval: float = 5.0,
-        probe_timeout: float = 3.0,
-        connect_timeout: float = 5.0,
-        max_connections: int = 32,
+        options: RedisOptions | None = None,
         history: HistoryPolicy | None = None,
     ) -> None:
         super().__init__(on_message, history)
+        self.options = options = options or RedisOptions()
+        prefix = options.prefix
         self.prefix = prefix
         self._prefix = prefix.encode()
         kwargs = ConnectionPool.from_url(url).connection_kwargs
         self._node = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
-        self.subscribe_timeout = subscribe_timeout
-        self.reconnect_min = reconnect_min
-        self.reconnect_max = reconnect_max
-        self.probe_interval = probe_interval
-        self.probe_timeout = probe_timeout
-        options: dict[str, Any] = {
-            "socket_connect_timeout": connect_timeout,
-            "socket_timeout": connect_timeout,
+        connection: dict[str, Any] = {
+            "socket_connect_timeout": options.connect_timeout,
+            "socket_timeout": options.connect_timeout,
             "socket_keepalive": True,
         }
         # The subscriber never retries on its own: a lost connection must be seen at once.
         # Commands (PUBLISH) retry once, so a pooled connection that died with a Redis
         # restart costs a reconnect, not an error.
         self._subscriber = Redis(
-            connection_pool=ConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+            connection_pool=ConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **connection)
         )
         # Commands share a bounded pool and wait for a free connection when a burst (a
         # reconnect storm reading history, many clients publishing) wants more, instead of
@@ -93,13 +83,12 @@ class RedisBackplane(Backplane):
             connection_pool=BlockingConnectionPool.from_url(
                 url,
                 retry=Retry(NoBackoff(), 1),
-                max_connections=max_connections,
-                timeout=subscribe_timeout,
-                **options,
+                max_connections=options.max_connections,
+                timeout=options.subscribe_timeout,
+                **connection,
             )
         )
-        self._append_script = self._redis.register_script(APPEND_LUA)
-        self._read_script = self._redis.register_script(READ_LUA)
+        self._streams = Streams(self._redis, prefix, self.history_policy, sharded=False)
         # A channel no client can name ("#" is not allowed in channel names): it keeps the
         # connection in subscribe mode, its confirmation marks the end of a (re)subscribe, and
         # the probes travel through it.
@@ -156,7 +145,7 @@ class RedisBackplane(Backplane):
             async with self._lock:
                 self._waiters.setdefault(key, collections.deque()).append(waiter)
                 await self._pubsub.subscribe(key)
-            async with asyncio.timeout(self.subscribe_timeout):
+            async with asyncio.timeout(self.options.subscribe_timeout):
                 await waiter
         except (*_LOST, BackplaneUnavailable) as exc:
             self._wanted.discard(channel)
@@ -179,36 +168,15 @@ class RedisBackplane(Backplane):
 
     async def publish(self, channel: str, envelope: bytes) -> int:
         try:
-            policy = self.history_policy
-            if policy.applies(channel):
-                keys = history_keys(self.prefix, channel)
-                args = policy.append_args(self.prefix + channel, envelope)
-                _, _, receivers = await self._append_script(keys, args)
-                return int(receivers)
+            if self.history_policy.applies(channel):
+                return await self._streams.append(channel, envelope)
             return int(await self._redis.publish(self._key(channel), envelope))
         except _LOST as exc:
             raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
 
     async def history(self, channel: str, after: int) -> Page:
-        """Read in pages of ``history_policy.size`` until the top; each page is atomic, and a
-        change of epoch between pages makes the result the new epoch's top with no entries."""
-        keys = history_keys(self.prefix, channel)
-        entries: list[tuple[int, bytes]] = []
-        epoch: str | None = None
         try:
-            while True:
-                raw_epoch, top, raw_entries = await self._read_script(
-                    keys, self.history_policy.read_args(after, self.history_policy.size)
-                )
-                page_epoch = raw_epoch.decode()
-                if epoch is not None and page_epoch != epoch:
-                    return Page(page_epoch, int(top))
-                epoch = page_epoch
-                for entry_id, fields in raw_entries:
-                    entries.append((int(entry_id.split(b"-", 1)[1]), fields[1]))
-                if not raw_entries or entries[-1][0] >= int(top):
-                    return Page(epoch, int(top), entries)
-                after = entries[-1][0]
+            return await self._streams.read(channel, after)
         except _LOST as exc:
             raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
 
@@ -226,7 +194,7 @@ class RedisBackplane(Backplane):
             except _LOST as exc:
                 was_connected = self._connected
                 await self._drop_connection(exc)
-                delay = full_jitter(attempt, self.reconnect_min, self.reconnect_max)
+                delay = full_jitter(attempt, self.options.reconnect_min, self.options.reconnect_max)
                 attempt += 1
                 why = str(exc) or type(exc).__name__
                 if was_connected:
@@ -243,7 +211,7 @@ class RedisBackplane(Backplane):
             await pubsub.subscribe(*(self._key(c) for c in wanted), self._probe)
         # Redis answers in order: the probe's confirmation comes after every other one.
         while True:
-            message = await pubsub.get_message(timeout=self.subscribe_timeout)
+            message = await pubsub.get_message(timeout=self.options.subscribe_timeout)
             if message is None:
                 raise TimeoutError("no subscribe confirmation from Redis")
             if message["type"] == "subscribe" and message["channel"] == self._probe:
@@ -290,13 +258,13 @@ class RedisBackplane(Backplane):
 
     async def _probe_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.probe_interval)
+            await asyncio.sleep(self.options.probe_interval)
             number = next(self._probe_numbers)
             self._probe_arrived.clear()
             try:
                 # The PUBLISH is under the deadline too: its connection can be as dead as
                 # the subscriber's, and would otherwise wait for the socket timeout.
-                async with asyncio.timeout(self.probe_timeout):
+                async with asyncio.timeout(self.options.probe_timeout):
                     receivers = await self._redis.publish(self._probe, str(number))
                     if receivers == 0:
                         raise SilentConnection("Redis no longer knows our subscription")
@@ -305,7 +273,7 @@ class RedisBackplane(Backplane):
                         self._probe_arrived.clear()
             except TimeoutError:
                 raise SilentConnection(
-                    f"probe not delivered within {self.probe_timeout}s"
+                    f"probe not delivered within {self.options.probe_timeout}s"
                 ) from None
 
     def _handle(self, message: dict[str, Any]) -> None:
