@@ -107,7 +107,11 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(self.ping, timeout=10)
+        # Our own process must be the one answering: a port taken meanwhile makes it exit.
+        wait_until(lambda: self.process is None or self.process.poll() is not None or self.ping())
+        if self.process.poll() is not None:
+            log = (self.workdir / "redis.log").read_text(errors="replace")[-500:]
+            raise RuntimeError(f"redis-server on port {self.port} exited:\n{log}")
 
     def ping(self) -> bool:
         try:
@@ -188,6 +192,14 @@ class RedisClusterServers:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
     def start(self) -> RedisClusterServers:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # no orphaned nodes when the cluster cannot form
+            raise
+        return self
+
+    def _start(self) -> None:
         for node in self.nodes:
             node.start()
         subprocess.run(
@@ -198,8 +210,7 @@ class RedisClusterServers:
             ],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        wait_until(self.formed, timeout=30)
-        return self
+        wait_until(self.formed, timeout=60)
 
     def formed(self) -> bool:
         """Healthy, and every node knows every replica as one (gossip takes a moment)."""
