@@ -276,7 +276,7 @@ class Hub:
         assert cursor is not None
         page = Page(None, 0)
         for attempt in range(_FILL_ATTEMPTS):
-            after = cursor.offset if cursor.offset is not None else 0
+            after = cursor.after(cursor.epoch)
             starts = [start for epoch, start in local.catching.values() if epoch == cursor.epoch]
             if cursor.offset is None and starts:
                 after = min(starts)

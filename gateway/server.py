@@ -127,11 +127,8 @@ class Gateway:
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        backplane = self.hub.backplane
-        if not backplane.connected:
-            down = sorted(node for node, up in backplane.node_states().items() if not up)
-            nodes = f" ({', '.join(down)} down)" if down and backplane.name != "redis" else ""
-            return False, f"{self.backplane_name} backplane disconnected{nodes}"
+        if not self.hub.backplane.connected:
+            return False, self.hub.backplane.unready_reason()
         return True, "ready"
 
     async def start(self) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from gateway.history import Page
 from publisher.history import HistoryPolicy
 
-__all__ = ["Backplane", "BackplaneUnavailable", "OnMessage", "RedisOptions"]
+__all__ = ["Backplane", "BackplaneUnavailable", "ChannelNames", "OnMessage", "RedisOptions"]
 
 #: Called with (channel without prefix, envelope bytes) for every message received. It must
 #: not block: the backplane's reader goes straight back to reading when it returns.
@@ -28,6 +28,24 @@ class RedisOptions:
     probe_timeout: float = 3.0
     connect_timeout: float = 5.0
     max_connections: int = 32  # command connections (per node on a cluster)
+
+
+class ChannelNames:
+    """Redis channel names: ``<prefix><channel>``, and back (None for anything else)."""
+
+    __slots__ = ("_prefix", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._prefix = prefix.encode()
+
+    def key(self, channel: str) -> bytes:
+        return (self.prefix + channel).encode()
+
+    def channel(self, key: bytes) -> str | None:
+        if not key.startswith(self._prefix):
+            return None
+        return key[len(self._prefix) :].decode("utf-8", "replace")
 
 
 class BackplaneUnavailable(Exception):
@@ -63,6 +81,10 @@ class Backplane(abc.ABC):
     def node_states(self) -> dict[str, bool]:
         """Each Redis node connection the backplane holds: node -> connected."""
         return {}
+
+    def unready_reason(self) -> str:
+        """Why the replica is not ready while :attr:`connected` is false (for ``/readyz``)."""
+        return f"{self.name} backplane disconnected"
 
     @abc.abstractmethod
     async def start(self) -> None:

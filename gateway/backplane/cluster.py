@@ -32,11 +32,18 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from gateway.backoff import full_jitter
-from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage, RedisOptions
-from gateway.backplane.streams import Streams
+from gateway.backplane.base import (
+    Backplane,
+    BackplaneUnavailable,
+    ChannelNames,
+    OnMessage,
+    RedisOptions,
+)
+from gateway.backplane.commands import LOST as _LOST
+from gateway.backplane.commands import RedisCommands
 from gateway.history import Page
 from publisher.cluster import parse_cluster_url
 from publisher.history import HistoryPolicy
@@ -45,7 +52,6 @@ __all__ = ["RedisClusterBackplane"]
 
 log = logging.getLogger("gateway.backplane")
 
-_LOST = (RedisError, OSError, asyncio.TimeoutError)
 Address = tuple[str, int]
 
 
@@ -85,7 +91,7 @@ class _Node:
     async def subscribe(self, channels: list[str], timeout: float) -> None:
         """SSUBSCRIBE ``channels`` (one slot) and wait for every confirmation."""
         self.channels.update(channels)
-        await self._ssubscribe([self.backplane.key(channel) for channel in channels], timeout)
+        await self._ssubscribe([self.backplane.names.key(channel) for channel in channels], timeout)
 
     async def _ssubscribe(self, keys: list[bytes], timeout: float) -> None:
         assert self.pubsub is not None
@@ -107,7 +113,7 @@ class _Node:
         self.channels.difference_update(channels)
         if self.pubsub is not None and self.connected and channels:
             with contextlib.suppress(*_LOST):
-                await self.pubsub.sunsubscribe(*(self.backplane.key(c) for c in channels))
+                await self.pubsub.sunsubscribe(*(self.backplane.names.key(c) for c in channels))
 
     async def _read(self) -> None:
         assert self.pubsub is not None
@@ -167,7 +173,7 @@ class _Node:
                 self.probe_seen = max(self.probe_seen, int(message["data"]))
             self.probe_arrived.set()
         elif kind == "smessage":
-            name = self.backplane.channel_name(key)
+            name = self.backplane.names.channel(key)
             if name is not None:
                 try:
                     self.backplane.on_message(name, message["data"])
@@ -180,7 +186,7 @@ class _Node:
                 if not waiter.done():
                     waiter.set_result(None)
         elif kind == "sunsubscribe":
-            name = self.backplane.channel_name(key)
+            name = self.backplane.names.channel(key)
             if name is not None and name in self.channels:
                 # Not asked for: the slot moved to another node (resharding, failover).
                 log.info("node %s dropped channel %s: its slot moved", self.name, name)
@@ -221,8 +227,7 @@ class RedisClusterBackplane(Backplane):
         super().__init__(on_message, history)
         self.options = options = options or RedisOptions()
         prefix = options.prefix
-        self.prefix = prefix
-        self._prefix = prefix.encode()
+        self.names = ChannelNames(prefix)
         self._probe_id = uuid.uuid4().hex
         seeds, credentials = parse_cluster_url(url)
         self._connection: dict[str, Any] = {
@@ -236,7 +241,7 @@ class RedisClusterBackplane(Backplane):
             max_connections=options.max_connections,
             **self._connection,
         )
-        self._streams = Streams(self._cluster, prefix, self.history_policy, sharded=True)
+        self._commands = RedisCommands(self._cluster, self.names, self.history_policy, sharded=True)
         self._wanted: set[str] = set()
         self.nodes: dict[Address, _Node] = {}
         self._owner: dict[str, Address] = {}  # wanted channel -> node it is subscribed on
@@ -247,14 +252,6 @@ class RedisClusterBackplane(Backplane):
         self._client_ready = False
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
-
-    def key(self, channel: str) -> bytes:
-        return (self.prefix + channel).encode()
-
-    def channel_name(self, key: bytes) -> str | None:
-        if not key.startswith(self._prefix):
-            return None
-        return key[len(self._prefix) :].decode("utf-8", "replace")
 
     @property
     def connected(self) -> bool:
@@ -270,6 +267,10 @@ class RedisClusterBackplane(Backplane):
     def node_states(self) -> dict[str, bool]:
         """Each node connection the replica holds: address -> connected."""
         return {node.name: node.connected for node in self.nodes.values()}
+
+    def unready_reason(self) -> str:
+        down = sorted(name for name, up in self.node_states().items() if not up)
+        return super().unready_reason() + (f" ({', '.join(down)} down)" if down else "")
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="redis cluster backplane")
@@ -314,7 +315,7 @@ class RedisClusterBackplane(Backplane):
             address = self._server_of(channel)
             if address is None:
                 raise BackplaneUnavailable(f"no node serves channel {channel}")
-            slot = self._cluster.keyslot(self.prefix + channel)
+            slot = self._cluster.keyslot(self.names.prefix + channel)
             by_node[address].setdefault(slot, []).append(channel)
         for address, slots in by_node.items():
             link = await self._node(address)
@@ -325,7 +326,7 @@ class RedisClusterBackplane(Backplane):
 
     def _server_of(self, channel: str) -> Address | None:
         """The primary that serves ``channel``'s slot in the slot map last read."""
-        server = self._cluster.get_node_from_key(self.prefix + channel)
+        server = self._cluster.get_node_from_key(self.names.prefix + channel)
         return (server.host, int(server.port)) if server is not None else None
 
     async def _node(self, address: Address) -> _Node:
@@ -345,7 +346,7 @@ class RedisClusterBackplane(Backplane):
             tag = format(number, "x")
             owners = slots.get(key_slot(tag.encode()))
             if owners and owners[0].name == name:
-                return f"{self.prefix}#probe#{self._probe_id}{{{tag}}}".encode()
+                return f"{self.names.prefix}#probe#{self._probe_id}{{{tag}}}".encode()
         return None  # serves no slot: nothing to probe
 
     async def spublish(self, key: bytes, payload: bytes) -> int:
@@ -354,18 +355,10 @@ class RedisClusterBackplane(Backplane):
     # Publishing and history
 
     async def publish(self, channel: str, envelope: bytes) -> int:
-        try:
-            if self.history_policy.applies(channel):
-                return await self._streams.append(channel, envelope)
-            return await self.spublish(self.key(channel), envelope)
-        except _LOST as exc:
-            raise BackplaneUnavailable(f"Redis cluster is unavailable: {exc}") from None
+        return await self._commands.publish(channel, envelope)
 
     async def history(self, channel: str, after: int) -> Page:
-        try:
-            return await self._streams.read(channel, after)
-        except _LOST as exc:
-            raise BackplaneUnavailable(f"Redis cluster is unavailable: {exc}") from None
+        return await self._commands.read(channel, after)
 
     # Keeping up with the topology
 

@@ -26,13 +26,20 @@ from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from gateway.backoff import full_jitter
-from gateway.backplane.base import Backplane, BackplaneUnavailable, OnMessage, RedisOptions
-from gateway.backplane.streams import Streams
+from gateway.backplane.base import (
+    Backplane,
+    BackplaneUnavailable,
+    ChannelNames,
+    OnMessage,
+    RedisOptions,
+)
+from gateway.backplane.commands import LOST as _LOST
+from gateway.backplane.commands import RedisCommands
 from gateway.history import Page
 from publisher.history import HistoryPolicy
 
@@ -43,9 +50,6 @@ log = logging.getLogger("gateway.backplane")
 
 class SilentConnection(ConnectionError):
     """The probe did not come back: the subscription is no longer delivering."""
-
-
-_LOST = (RedisError, OSError, asyncio.TimeoutError)
 
 
 class RedisBackplane(Backplane):
@@ -61,10 +65,9 @@ class RedisBackplane(Backplane):
         super().__init__(on_message, history)
         self.options = options = options or RedisOptions()
         prefix = options.prefix
-        self.prefix = prefix
-        self._prefix = prefix.encode()
-        kwargs = ConnectionPool.from_url(url).connection_kwargs
-        self._node = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        self.names = ChannelNames(prefix)
+        where = parse_url(url)  # the node, as metrics and readiness name it
+        self._node = where.get("path") or f"{where.get('host')}:{where.get('port', 6379)}"
         connection: dict[str, Any] = {
             "socket_connect_timeout": options.connect_timeout,
             "socket_timeout": options.connect_timeout,
@@ -88,7 +91,7 @@ class RedisBackplane(Backplane):
                 **connection,
             )
         )
-        self._streams = Streams(self._redis, prefix, self.history_policy, sharded=False)
+        self._commands = RedisCommands(self._redis, self.names, self.history_policy, sharded=False)
         # A channel no client can name ("#" is not allowed in channel names): it keeps the
         # connection in subscribe mode, its confirmation marks the end of a (re)subscribe, and
         # the probes travel through it.
@@ -119,9 +122,6 @@ class RedisBackplane(Backplane):
     def subscribed_channels(self) -> int:
         return len(self._wanted)
 
-    def _key(self, channel: str) -> bytes:
-        return (self.prefix + channel).encode()
-
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="redis backplane")
 
@@ -138,7 +138,7 @@ class RedisBackplane(Backplane):
     async def subscribe(self, channel: str) -> None:
         if not self._connected or self._pubsub is None:
             raise BackplaneUnavailable("backplane is reconnecting to Redis")
-        key = self._key(channel)
+        key = self.names.key(channel)
         self._wanted.add(channel)
         waiter = asyncio.get_running_loop().create_future()
         try:
@@ -162,23 +162,15 @@ class RedisBackplane(Backplane):
             return  # a fresh connection subscribes only what is still wanted
         try:
             async with self._lock:
-                await self._pubsub.unsubscribe(self._key(channel))
+                await self._pubsub.unsubscribe(self.names.key(channel))
         except _LOST as exc:
             log.debug("unsubscribe %s failed: %s", channel, exc)
 
     async def publish(self, channel: str, envelope: bytes) -> int:
-        try:
-            if self.history_policy.applies(channel):
-                return await self._streams.append(channel, envelope)
-            return int(await self._redis.publish(self._key(channel), envelope))
-        except _LOST as exc:
-            raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
+        return await self._commands.publish(channel, envelope)
 
     async def history(self, channel: str, after: int) -> Page:
-        try:
-            return await self._streams.read(channel, after)
-        except _LOST as exc:
-            raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
+        return await self._commands.read(channel, after)
 
     # The connection's life
 
@@ -208,7 +200,7 @@ class RedisBackplane(Backplane):
         self._pubsub = pubsub
         async with self._lock:
             wanted = set(self._wanted)
-            await pubsub.subscribe(*(self._key(c) for c in wanted), self._probe)
+            await pubsub.subscribe(*(self.names.key(c) for c in wanted), self._probe)
         # Redis answers in order: the probe's confirmation comes after every other one.
         while True:
             message = await pubsub.get_message(timeout=self.options.subscribe_timeout)
@@ -284,8 +276,7 @@ class RedisBackplane(Backplane):
                 with contextlib.suppress(ValueError):
                     self._probe_seen = max(self._probe_seen, int(message["data"]))
                 self._probe_arrived.set()
-            elif channel.startswith(self._prefix):
-                name = channel[len(self._prefix) :].decode("utf-8", "replace")
+            elif (name := self.names.channel(channel)) is not None:
                 try:
                     self.on_message(name, message["data"])
                 except Exception:  # a bug in fan-out must not stop the reader
