@@ -13,6 +13,7 @@ import http
 import logging
 import random
 import re
+import resource
 import weakref
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,6 +28,7 @@ from websockets.typing import Origin
 
 from gateway import demo
 from gateway.access import Access
+from gateway.admission import Admission
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
 from gateway.backplane import BackplaneUnavailable, create_backplane
 from gateway.hub import Hub
@@ -97,6 +99,11 @@ class Gateway:
             ping_timeout=settings.ping_timeout,
         )
         self.sessions: set[Session] = set()
+        self.admission: Admission[SessionConnection] = Admission(
+            max_sockets=socket_capacity(settings),
+            max_handshakes=settings.max_handshakes,
+            max_header_bytes=settings.max_header_bytes,
+        )
         # Who each accepted handshake is and what it asked for, until its session starts.
         # Kept here rather than on the connection: two more attributes there would turn its
         # instance dict from a shared-key one into a full one, 1.3 KiB more per client.
@@ -133,6 +140,7 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        self._log_capacity()
         await self.hub.backplane.start()
         # A subclass per replica carries its socket options and stall watch, so replicas in
         # one process (tests) do not share them.
@@ -143,6 +151,8 @@ class Gateway:
                 "send_buffer": s.send_buffer,
                 "on_congested": self._congested,
                 "on_latency": self.telemetry.keepalive_rtt.record,
+                "admission": self.admission,
+                "on_refused": self._refused,
             },
         )
         self.server = await serve(
@@ -162,6 +172,25 @@ class Gateway:
             server_header="wsgateway",
         )
         self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
+
+    def _log_capacity(self) -> None:
+        s = self.settings
+        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        sockets = self.admission.max_sockets
+        log.info(
+            "file descriptor limit %d: up to %d client sockets (%d kept for Redis and probes)",
+            files,
+            sockets,
+            s.fd_reserve,
+        )
+        if sockets < s.max_connections + s.max_handshakes:
+            log.warning(
+                "the file limit allows %d client sockets, fewer than GATEWAY_MAX_CONNECTIONS "
+                "(%d) plus GATEWAY_MAX_HANDSHAKES (%d): sockets beyond it are refused",
+                sockets,
+                s.max_connections,
+                s.max_handshakes,
+            )
 
     # Handshake and plain HTTP
 
@@ -189,7 +218,7 @@ class Gateway:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
         if self.draining:
             return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining")
-        if len(self.sessions) >= self.settings.max_connections:
+        if len(self.sessions) + len(self._admitted) >= self.settings.max_connections:
             self.stats.refused["capacity"] += 1
             return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "at capacity")
         query = parse_qs(url.query, keep_blank_values=True)
@@ -218,6 +247,9 @@ class Gateway:
         self, connection: ServerConnection, request: Request, response: Response
     ) -> None:
         """A span for every refused WebSocket handshake (the library's refusals included)."""
+        if response.status_code == 101:
+            assert isinstance(connection, SessionConnection)
+            self.admission.opened(connection)
         tracer = self.telemetry.tracer
         path = urlsplit(request.path).path
         if tracer is not None and path == WS_PATH and response.status_code != 101:
@@ -231,6 +263,19 @@ class Gateway:
                 },
             ) as span:
                 span.set_status(StatusCode.ERROR, response.reason_phrase)
+
+    def _refused(self, reason: str) -> None:
+        """A socket refused or cut before its handshake ended (see gateway.admission)."""
+        self.stats.refused[reason] += 1
+        if self._refusals.ready():
+            log.warning(
+                "refused a socket (%s): %d sockets, %d handshakes in flight; "
+                "%d more refusals since the last line",
+                _SOCKET_REFUSALS[reason],
+                self.admission.sockets,
+                self.admission.handshakes,
+                self._refusals.take_suppressed(),
+            )
 
     def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, why: str) -> Response:
         if self._refusals.ready():
@@ -268,8 +313,6 @@ class Gateway:
                 text = await connection.recv()
                 if session.closing:
                     continue  # keep reading so the closing handshake can finish
-                if not session.allow_request():
-                    continue
                 if isinstance(text, bytes):
                     session.close(Close.BINARY_NOT_ACCEPTED, "binary frames are not accepted")
                     continue
@@ -520,6 +563,23 @@ def _authenticator(settings: Settings) -> Authenticator:
         leeway=settings.jwt_leeway,
         anonymous=anonymous,
     )
+
+
+_SOCKET_REFUSALS = {
+    "descriptors": "no descriptor to spare: GATEWAY_FD_RESERVE is kept for Redis and probes",
+    "handshakes": "the oldest handshake made room for it: GATEWAY_MAX_HANDSHAKES",
+    "headers": "request over GATEWAY_MAX_HEADER_BYTES",
+}
+
+
+def socket_capacity(settings: Settings) -> int:
+    """Client sockets a replica may hold: its file limit less the reserve for everything
+    else (Redis connections, the listening socket, logs), never more than it could use."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = settings.max_connections + settings.max_handshakes
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - settings.fd_reserve))
 
 
 _CLOSE_REASONS: dict[int, str] = {

@@ -10,6 +10,12 @@ Outbound messages take the shortest path that keeps every bound:
 
 While a client is congested the gateway also stops reading from it, so a client that does not
 read cannot make the gateway write (pongs to its pings, replies to its requests) without bound.
+Every frame a client sends (data, continuation, ping, pong) counts against its rate limit;
+beyond it the client is closed with 1008 and nothing more it sent is read.
+
+Before any of that, the replica's :class:`~gateway.admission.Admission` decides which sockets
+it takes at all: a socket with no descriptor to spare is answered 503 and closed before a byte
+of it is read; a handshake that sends more than the header budget gets 431.
 
 Nothing here ever awaits the client, so one slow or stalled client cannot delay the others.
 :meth:`Session.close` never waits either: it writes the close frame and, if the closing
@@ -30,9 +36,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from websockets.asyncio.server import ServerConnection
-from websockets.protocol import OPEN, State
+from websockets.frames import Frame
+from websockets.protocol import CONNECTING, OPEN, State
 
 from gateway.access import Access
+from gateway.admission import Admission
 from gateway.outbox import Outbox
 from gateway.protocol import Close, Outbound
 from gateway.ratelimit import TokenBucket
@@ -48,6 +56,11 @@ __all__ = ["Limits", "Session", "SessionConnection"]
 log = logging.getLogger("gateway.session")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: Inbound data is handed to the protocol this much at a time, so a flood of tiny frames in
+#: one read costs at most this much parsing (and as many pongs) after its sender is closed.
+_FEED = 4096
+#: Seconds between closing a flooding client and resetting its connection.
+_FLOOD_GRACE = 1.0
 _PING = struct.Struct("!d")  # a keepalive ping carries the loop time it was sent at
 _eviction_log = Throttle()
 
@@ -66,6 +79,35 @@ class Limits:
     ping_timeout: float
 
 
+def _nothing() -> None:
+    pass
+
+
+def _drop_tracebacks(failure: BaseException | None) -> None:
+    """Forget the frames an exception (and those it chains, a few deep) holds: they refer
+    back to the protocol that holds the exception."""
+    for _ in range(8):
+        if failure is None:
+            return
+        failure.__traceback__ = None
+        failure = failure.__cause__ or failure.__context__
+
+
+def _plain_response(status: str, text: str) -> bytes:
+    """A whole HTTP response, built once: what refused sockets get instead of a handshake."""
+    body = text.encode()
+    return (
+        f"HTTP/1.1 {status}\r\nServer: wsgateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+_AT_CAPACITY = _plain_response("503 Service Unavailable", "at capacity\n")
+_HEADERS_TOO_LARGE = _plain_response(
+    "431 Request Header Fields Too Large", "request headers too large\n"
+)
+
+
 class SessionConnection(ServerConnection):
     """The websockets connection, telling its session when the transport fills and drains."""
 
@@ -76,8 +118,26 @@ class SessionConnection(ServerConnection):
     on_congested: Callable[[Session], None] | None = None
     #: Called with the round-trip time of each keepalive pong.
     on_latency: Callable[[float], object] | None = None
+    #: The replica's sockets and handshakes (None: no bounds, for tests of the rest).
+    admission: Admission[SessionConnection] | None = None
+    #: Called with the reason when a socket is refused or cut before its handshake ends.
+    on_refused: Callable[[str], object] | None = None
+    #: True only on a socket refused at once (set on the instance, so others carry nothing).
+    refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        admission = self.admission
+        if admission is not None:
+            admitted, evicted = admission.arrive(self)
+            if not admitted:
+                # Nothing of this socket is read and no task is started for it.
+                self.refused = True
+                self._reject(cast(asyncio.Transport, transport), _AT_CAPACITY, "descriptors")
+                return
+            if evicted is not None:
+                evicted.abort()
+                if self.on_refused is not None:
+                    self.on_refused("handshakes")
         super().connection_made(transport)
         if self.send_buffer is not None:
             sock = transport.get_extra_info("socket")
@@ -90,6 +150,67 @@ class SessionConnection(ServerConnection):
         # list does too, in 56 bytes instead of an empty deque's 600 (for every client).
         self.drain_waiters = cast("collections.deque[asyncio.Future[None]]", [])
 
+    def _reject(self, transport: asyncio.Transport, response: bytes, reason: str) -> None:
+        transport.write(response)
+        transport.close()
+        if self.on_refused is not None:
+            self.on_refused(reason)
+
+    def abort(self) -> None:
+        """Reset the TCP connection now, freeing the kernel's buffers for it at once."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.protocol.state is CONNECTING and self.admission is not None:
+            request = self.admission.received(self, data)
+            if request is None:
+                self.transport.pause_reading()
+                self._reject(self.transport, _HEADERS_TOO_LARGE, "headers")
+                return
+            data = request
+            if not data:
+                return  # the head of the request is not complete yet
+        if len(data) <= _FEED:
+            super().data_received(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), _FEED):
+            if self.deaf:
+                return
+            super().data_received(view[start : start + _FEED])  # type: ignore[arg-type]
+
+    @property
+    def deaf(self) -> bool:
+        """Its session was closed for flooding: nothing more it sends is read."""
+        session = self.session
+        return session is not None and session.deaf
+
+    def process_event(self, event: object) -> None:
+        session = self.session
+        if session is not None and isinstance(event, Frame) and session.close_code is None:
+            session.count_frame()
+        super().process_event(event)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return  # never started: nothing to undo
+        if self.admission is not None:
+            self.admission.left(self)
+        if self.session is not None:
+            self.session.direct = None
+        super().connection_lost(exc)
+        # Break the reference cycles a connection is left in, so that it is freed as soon as
+        # the last reference goes rather than by a full garbage collection: under connection
+        # churn those take 100 ms and more, every client waiting.
+        self.recv_messages.resume = _nothing
+        for failure in (self.protocol.handshake_exc, self.protocol.parser_exc):
+            _drop_tracebacks(failure)
+
     def acknowledge_pings(self, data: bytes) -> None:
         session = self.session
         if session is None or session.ping_sent is None or data != _PING.pack(session.ping_sent):
@@ -101,7 +222,7 @@ class SessionConnection(ServerConnection):
             self.on_latency(self.latency)
 
     def _resume_reading(self) -> None:
-        if not self.paused and not self.recv_messages.paused:
+        if not self.paused and not self.recv_messages.paused and not self.deaf:
             self.transport.resume_reading()
 
     def send_data(self) -> None:
@@ -111,11 +232,6 @@ class SessionConnection(ServerConnection):
         session = self.session
         if session is not None and session.direct is not None and self.protocol.state is not OPEN:
             session.direct = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.session is not None:
-            self.session.direct = None
-        super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -145,6 +261,7 @@ class Session:
         "close_reason",
         "congested_at",
         "connection",
+        "deaf",
         "direct",
         "limits",
         "outbox",
@@ -173,6 +290,7 @@ class Session:
         self.close_code: int | None = None
         self.close_reason = ""
         self.congested_at: float | None = None  # loop time the transport last filled up
+        self.deaf = False  # closed for flooding: its socket is no longer read
         #: The transport's write while frames may go straight to it (uncompressed, OPEN, not
         #: congested, nothing queued, not closing), else None: the hub's fan-out loop calls it
         #: directly, the cheapest delivery there is.
@@ -297,12 +415,17 @@ class Session:
             except Exception as exc:  # the transport is closing; the reader will see it
                 log.debug("ping to %s failed: %s", connection.id, exc)
 
-    def allow_request(self) -> bool:
-        """Count one inbound message against the rate limit; close 1008 when over it."""
+    def count_frame(self) -> None:
+        """Count one inbound frame (of any kind) against the rate limit. Beyond it: close
+        1008, and stop reading, so the rest of a flood costs nothing."""
         if self.bucket.take(self.connection.loop.time()):
-            return True
-        self.close(Close.POLICY_VIOLATION, "rate limit exceeded")
-        return False
+            return
+        self.deaf = True
+        self.connection.transport.pause_reading()
+        # Its answer to the close frame cannot be read any more: a second for the frame to
+        # reach it, then the reset.
+        grace = min(_FLOOD_GRACE, self.limits.close_timeout)
+        self.close(Close.POLICY_VIOLATION, "rate limit exceeded", abort_after=grace)
 
     def close(self, code: int, reason: str = "", *, abort_after: float | None = None) -> None:
         """Start the closing handshake without waiting; reset the connection if it stalls.
@@ -335,14 +458,8 @@ class Session:
     def abort(self) -> None:
         """Reset the TCP connection now, freeing the kernel's buffers for it at once."""
         self.direct = None
-        transport = self.connection.transport
-        if self.connection.protocol.state is State.CLOSED:
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        transport.abort()
+        if self.connection.protocol.state is not State.CLOSED:
+            self.connection.abort()
 
     def finish(self) -> None:
         """Forget everything once the connection is closed."""

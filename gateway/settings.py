@@ -106,7 +106,11 @@ class Settings(BaseSettings):
     close_timeout: Seconds = Field(
         5.0, description="seconds a closing handshake may take before the socket is aborted"
     )
-    open_timeout: Seconds = Field(10.0, description="seconds the opening handshake may take")
+    open_timeout: Seconds = Field(
+        5.0,
+        description="seconds from accepting a socket to the end of its opening handshake; "
+        "then it is closed",
+    )
     subscribe_timeout: Seconds = Field(
         5.0, description="seconds to wait for the backplane to confirm a subscription"
     )
@@ -118,11 +122,32 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         10000, ge=1, description="connections per replica; beyond it the handshake gets HTTP 503"
     )
+    max_handshakes: int = Field(
+        1000,
+        ge=1,
+        description="sockets still in their opening handshake (HTTP probes included); a new "
+        "one beyond it replaces the oldest",
+    )
+    max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        le=1024 * 1024,
+        description="bytes a client may send before its handshake ends (request line and "
+        "headers); beyond: HTTP 431",
+    )
+    fd_reserve: int = Field(
+        256,
+        ge=16,
+        description="file descriptors kept for Redis, probes and logs: client sockets beyond "
+        "the file limit minus this are refused at once (raise it with many Redis Cluster "
+        "nodes: each may take GATEWAY_REDIS_MAX_CONNECTIONS)",
+    )
     max_subscriptions: int = Field(100, ge=1, description="subscriptions per connection")
     rate_limit: float = Field(
         50.0,
         gt=0,
-        description="inbound messages per second per connection, burst the same; close 1008 beyond",
+        description="inbound frames per second per connection (messages, fragments, pings, "
+        "pongs), burst the same; close 1008 beyond",
     )
     stall_timeout: Seconds = Field(
         10.0,

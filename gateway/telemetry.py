@@ -142,6 +142,7 @@ class Telemetry:
         stats = replica.stats
         backplane = replica.hub.backplane
         sessions = replica.sessions
+        admission = replica.admission
         counter = self.meter.create_observable_counter
         up_down = self.meter.create_observable_up_down_counter
         gauge = self.meter.create_observable_gauge
@@ -155,7 +156,12 @@ class Telemetry:
              "client connections closed, by close code and reason (client, slow_consumer, "
              "drain, rate_limit, auth, protocol, limit, error)"),
             (counter, "handshakes.refused", by(lambda: stats.refused, "reason"), "{handshake}",
-             "handshakes refused, by reason"),
+             "sockets and handshakes refused, by reason (capacity, auth, descriptors, "
+             "handshakes, headers)"),
+            (up_down, "handshakes.open", one(lambda: admission.handshakes), "{handshake}",
+             "sockets still in their opening handshake"),
+            (up_down, "sockets.open", one(lambda: admission.sockets), "{socket}",
+             "client sockets held, handshakes included"),
             (counter, "messages.received", one(lambda: stats.messages_received), "{message}",
              "messages received from the backplane"),
             (counter, "messages.malformed", by(lambda: stats.malformed, "reason"), "{message}",

@@ -21,8 +21,12 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     """Start real ``wsgateway`` replicas: ``gateway_factory(env={...})``; all stopped at the end."""
     started: list[GatewayProcess] = []
 
-    def start(env: dict[str, str] | None = None, wait_ready: bool = True) -> GatewayProcess:
-        process = GatewayProcess(tmp_path, env, name=f"gw{len(started)}")
+    def start(
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+        files: tuple[int, int] | None = None,
+    ) -> GatewayProcess:
+        process = GatewayProcess(tmp_path, env, name=f"gw{len(started)}", files=files)
         started.append(process)
         return process.start(wait_ready=wait_ready)
 

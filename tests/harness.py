@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -287,10 +288,16 @@ class GatewayProcess:
     """A real ``wsgateway`` replica (``python -m gateway``) with its log captured to a file."""
 
     def __init__(
-        self, workdir: Path, env: Mapping[str, str] | None = None, name: str = "gw"
+        self,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        name: str = "gw",
+        *,
+        files: tuple[int, int] | None = None,
     ) -> None:
         self.workdir = workdir
         self.name = name
+        self.files = files  # (soft, hard) RLIMIT_NOFILE to start it with
         self.port = free_port()
         self.env = {
             "GATEWAY_HOST": "127.0.0.1",
@@ -315,8 +322,18 @@ class GatewayProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update(self.env)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        files = self.files
+
+        def limit_files() -> None:
+            if files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, files)
+
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway"], env=env, stdout=self._log, stderr=self._log
+            [sys.executable, "-m", "gateway"],
+            env=env,
+            stdout=self._log,
+            stderr=self._log,
+            preexec_fn=limit_files if files is not None else None,
         )
         wait_until(lambda: self.http_status("/healthz") == 200 or not self.running, timeout=15)
         if not self.running:
@@ -336,15 +353,16 @@ class GatewayProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
 
-    def metric(self, sample: str) -> float:
-        """The sum of a sample's values in ``/metrics`` (``wsgateway_writes_total``, ...)."""
+    def metric(self, sample: str, **labels: str) -> float:
+        """The sum of a sample's values in ``/metrics`` (``wsgateway_writes_total``, ...),
+        of those with ``labels`` if given."""
         status, text = self.http("/metrics")
         assert status == 200, text
         return sum(
             s.value
             for family in text_string_to_metric_families(text)
             for s in family.samples
-            if s.name == sample
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
         )
 
     def http_status(self, path: str) -> int | None:

@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -16,7 +17,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.harness import (
     GatewayFactory,
-    GatewayProcess,
     RawClient,
     RedisServer,
     async_wait_until,
@@ -189,8 +189,13 @@ async def test_stragglers_are_cut_off_at_the_shutdown_deadline(
         stubborn.close()
 
 
-def test_start_up_raises_the_file_limit_and_logs_the_capacity(
-    memory_gateway: GatewayProcess,
+def test_start_up_raises_the_soft_file_limit_to_the_hard_one(
+    gateway_factory: GatewayFactory,
 ) -> None:
-    assert "file descriptor limit" in memory_gateway.logs()
-    assert "room for about" in memory_gateway.logs()
+    gateway = gateway_factory(files=(512, 2048))
+    assert gateway.process is not None
+    limits = Path(f"/proc/{gateway.process.pid}/limits").read_text().splitlines()
+    line = next(line for line in limits if line.startswith("Max open files"))
+    assert line.split()[3:5] == ["2048", "2048"], line
+    # What the reserve leaves for clients is said once at start-up.
+    assert "up to 1792 client sockets (256 kept for Redis and probes)" in gateway.logs()

@@ -1,0 +1,311 @@
+"""Hostile clients, each as a process of its own: ``python -m bench.attacks <attack> --url ...``.
+
+Each attack runs until SIGTERM or ``--duration``, starting again whatever the gateway closes,
+and prints one JSON line with what it did and what the gateway answered. The adversarial
+tests (``tests/test_attacks.py``) and the soak benchmark (``bench.soak``) run them beside a
+canary (``bench.canary``) and a real gateway process.
+
+Attacks:
+
+* ``headers``: sockets that start the HTTP upgrade and send long header lines slowly, never
+  finishing it (slowloris with a large request);
+* ``silent``: sockets that connect and say nothing;
+* ``pings``: WebSocket connections that send ping frames as fast as they can;
+* ``fragments``: WebSocket connections that send a message as endless one-byte fragments;
+* ``churn``: connections that open, subscribe to fresh channel names and leave, over and over;
+* ``resume``: clients that subscribe to a history channel with ``since`` offset 0 all at once,
+  reading their replay or (``--no-read``) never reading it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import cast
+from urllib.parse import urlsplit
+
+from websockets.frames import Frame, Opcode
+
+Counts = collections.Counter[str]
+
+
+def upgrade_request(url: str, extra: bytes = b"") -> bytes:
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+    ).encode() + extra + b"\r\n"
+
+
+def address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def masked(opcode: Opcode, data: bytes = b"", fin: bool = True) -> bytes:
+    return Frame(opcode, data, fin=fin).serialize(mask=True)
+
+
+def close_code(data: bytes) -> int | None:
+    """The code of the first close frame in ``data`` (frames from the server: unmasked)."""
+    index = data.find(b"\x88")
+    while index >= 0 and index + 4 <= len(data):
+        if 2 <= data[index + 1] <= 125:
+            return int.from_bytes(data[index + 2 : index + 4], "big")
+        index = data.find(b"\x88", index + 1)
+    return None
+
+
+async def open_websocket(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A raw upgraded connection, or None if the gateway refused it."""
+    reader, writer = await asyncio.open_connection(*address(url))
+    writer.write(upgrade_request(url))
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        writer.close()
+        return None
+    return reader, writer
+
+
+def status_of(response: bytes) -> str:
+    if response.startswith(b"HTTP/1.1 "):
+        return response[9:12].decode(errors="replace")
+    return "closed" if not response else "other"
+
+
+async def forever(
+    counts: Counts, stop: asyncio.Event, attempt: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``attempt`` again and again until ``stop``; count how each one ended."""
+    while not stop.is_set():
+        try:
+            await attempt()
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
+            counts[f"error:{type(exc).__name__}"] += 1
+            await asyncio.sleep(0.05)
+
+
+async def headers(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """Upgrade requests that keep sending long header lines and never end."""
+    line = b"X-Pad-%d: " + b"a" * args.line_bytes + b"\r\n"
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(*address(args.url))
+        counts["opened"] += 1
+        try:
+            writer.write(upgrade_request(args.url)[:-2])  # without the blank line that ends it
+            for n in range(args.lines):
+                writer.write(line % n)
+                counts["header_bytes"] += len(line)
+                await writer.drain()
+                try:
+                    response = await asyncio.wait_for(reader.read(512), args.interval)
+                except TimeoutError:
+                    continue
+                counts[f"answer:{status_of(response)}"] += 1
+                return
+            # Every line sent and still open: hold it, never finishing the request.
+            counts[f"answer:{status_of(await reader.read(512))}"] += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.sockets)))
+
+
+async def silent(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """Sockets that connect and say nothing, as many as ``--sockets``."""
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(*address(args.url))
+        counts["opened"] += 1
+        try:
+            counts[f"answer:{status_of(await reader.read(512))}"] += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.sockets)))
+
+
+async def flood(
+    args: argparse.Namespace, counts: Counts, stop: asyncio.Event, frames: bytes, first: bytes
+) -> None:
+    """Upgraded connections writing ``frames`` as fast as the gateway takes them."""
+
+    async def one() -> None:
+        opened = await open_websocket(args.url)
+        if opened is None:
+            counts["refused"] += 1
+            await asyncio.sleep(0.1)
+            return
+        reader, writer = opened
+        counts["opened"] += 1
+        received = bytearray()
+
+        async def read() -> None:
+            while data := await reader.read(65536):
+                received.extend(data[-64:] if len(received) > 4096 else data)
+                if close_code(bytes(received[-4096:])) is not None:
+                    return
+
+        reading = asyncio.create_task(read())
+        try:
+            writer.write(first)
+            while not reading.done():
+                writer.write(frames)
+                counts["frames_bytes"] += len(frames)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reading, 2)
+            reading.cancel()
+            writer.close()
+        code = close_code(bytes(received))
+        counts[f"close:{code}"] += 1
+
+    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
+
+
+async def pings(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    await flood(args, counts, stop, masked(Opcode.PING) * 1000, b"")
+
+
+async def fragments(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    first = masked(Opcode.TEXT, b"[", fin=False)
+    await flood(args, counts, stop, masked(Opcode.CONT, b" ", fin=False) * 1000, first)
+
+
+async def churn(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """Connect, subscribe to ``--per-connection`` channel names never used before, leave."""
+    names = iter(range(1 << 62))
+    prefix = f"churn.{os.getpid()}."
+
+    async def one() -> None:
+        opened = await open_websocket(args.url)
+        if opened is None:
+            counts["refused"] += 1
+            await asyncio.sleep(0.1)
+            return
+        reader, writer = opened
+        counts["opened"] += 1
+        for _ in range(args.per_connection):
+            request = {"op": "subscribe", "channel": f"{prefix}{next(names)}"}
+            writer.write(masked(Opcode.TEXT, json.dumps(request).encode()))
+        await writer.drain()
+        await reader.read(4096)
+        counts["subscribes"] += args.per_connection
+        writer.write(masked(Opcode.CLOSE, (1000).to_bytes(2, "big")))
+        writer.close()
+
+    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
+
+
+async def resume(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """Clients that all resume a history channel from offset 0 at the same moment."""
+    from websockets.asyncio.client import connect
+
+    async with connect(args.url, ping_interval=None) as probe:
+        await probe.send(json.dumps({"op": "subscribe", "channel": args.channel}))
+        epoch = json.loads(await probe.recv())["epoch"]
+    subscribe = {
+        "op": "subscribe",
+        "channel": args.channel,
+        "since": {"offset": 0, "epoch": epoch},
+    }
+    connections = []
+    for _ in range(args.clients):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(address(args.url))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(upgrade_request(args.url))
+        await reader.readuntil(b"\r\n\r\n")
+        connections.append((reader, writer))
+    counts["connected"] = len(connections)
+    for _, writer in connections:
+        writer.write(masked(Opcode.TEXT, json.dumps(subscribe).encode()))
+
+    async def read(reader: asyncio.StreamReader) -> None:
+        while data := await reader.read(1 << 20):
+            counts["bytes_received"] += len(data)
+
+    if args.no_read:
+        for _, writer in connections:
+            cast(asyncio.Transport, writer.transport).pause_reading()
+        await stop.wait()
+    else:
+        readers = [asyncio.create_task(read(reader)) for reader, _ in connections]
+        await stop.wait()
+        for task in readers:
+            task.cancel()
+    for _, writer in connections:
+        writer.close()
+
+
+ATTACKS = {
+    "headers": headers,
+    "silent": silent,
+    "pings": pings,
+    "fragments": fragments,
+    "churn": churn,
+    "resume": resume,
+}
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    counts: Counts = collections.Counter()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.call_later(args.duration, stop.set)
+    started = time.monotonic()
+    attack = asyncio.create_task(ATTACKS[args.attack](args, counts, stop))
+    print("started", flush=True)
+    await stop.wait()
+    attack.cancel()
+    await asyncio.gather(attack, return_exceptions=True)
+    print(json.dumps({"seconds": round(time.monotonic() - started, 2), **counts}), flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.attacks", description=__doc__)
+    parser.add_argument("attack", choices=sorted(ATTACKS))
+    parser.add_argument("--url", required=True, help="ws://host:port/ws")
+    parser.add_argument("--duration", type=float, default=3600.0)
+    parser.add_argument("--sockets", type=int, default=1000, help="headers, silent")
+    parser.add_argument("--line-bytes", type=int, default=8000, help="headers")
+    parser.add_argument("--lines", type=int, default=120, help="headers")
+    parser.add_argument("--interval", type=float, default=0.05, help="headers: between lines")
+    parser.add_argument("--clients", type=int, default=10, help="pings, fragments, churn, resume")
+    parser.add_argument("--per-connection", type=int, default=20, help="churn")
+    parser.add_argument("--channel", default="h.storm", help="resume")
+    parser.add_argument("--no-read", action="store_true", help="resume")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main_async(parse_args()))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

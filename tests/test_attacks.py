@@ -1,0 +1,152 @@
+"""The adversarial suite: attacks on a real gateway process, each beside a canary.
+
+Every test starts a real ``wsgateway`` (and, where it matters, a real ``redis-server``), runs
+one hostile client from ``bench.attacks`` in a process of its own, and a well-behaved canary
+(``bench.canary``) in another: the canary publishes numbered messages on its channel, pings,
+and opens a new connection every second. Each test asserts the bound the attack tries to
+break (the gateway's RSS from ``/proc``, its descriptors, what its metrics counted) and that
+the canary lost nothing and kept answering. The bounds are those of docs/limits.md; the
+latency figures are generous guards, the real ones come from ``python -m bench.soak``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import GatewayFactory, GatewayProcess, RedisServer
+from tests.siege import Sampler, attack, canary
+
+pytestmark = pytest.mark.attack
+
+#: How long each attack runs.
+ATTACK_SECONDS = 10.0
+#: Canary ping round trip (ms) that no attack may push the 99th percentile beyond.
+RTT_P99_MS = 100.0
+
+
+def siege(
+    gateway: GatewayProcess,
+    name: str,
+    *,
+    redis: RedisServer | None = None,
+    seconds: float = ATTACK_SECONDS,
+    during: Any = None,
+    **options: float | str | bool,
+) -> tuple[dict[str, Any], dict[str, Any], Sampler]:
+    """Run attack ``name`` on ``gateway`` for ``seconds`` beside a canary; return the
+    attack's report, the canary's and the gateway's memory and descriptor samples.
+    ``during`` is called once half-way through the attack."""
+    assert gateway.process is not None
+    watcher = canary(gateway.ws_url, redis_url=redis.url if redis is not None else None)
+    try:
+        time.sleep(1.0)  # the canary's first messages and pings, before any attack
+        with Sampler(gateway.process.pid) as sampler:
+            hostile = attack(name, gateway.ws_url, **options)
+            try:
+                time.sleep(seconds / 2)
+                if during is not None:
+                    during()
+                time.sleep(seconds / 2)
+            finally:
+                report = hostile.stop()
+            time.sleep(1.5)  # the canary's last messages, after the attack
+        observed = watcher.stop()
+    finally:
+        watcher.kill()
+    assert gateway.running, gateway.logs()[-3000:]
+    return report, observed, sampler
+
+
+def assert_canary_unharmed(observed: dict[str, Any], rtt_p99_ms: float = RTT_P99_MS) -> None:
+    assert observed["published"] > 50, observed
+    assert observed["lost"] == 0, observed
+    assert observed["duplicates"] == 0, observed
+    assert observed["disconnects"] == [], observed
+    assert observed["connect_failures"] == 0, observed
+    assert observed["rtt_ms"]["p99"] < rtt_p99_ms, observed
+
+
+def test_unfinished_handshakes_with_huge_headers_stay_within_budget(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """1,000 sockets start the upgrade and send 120 header lines of 8 KB, never finishing:
+    before, RSS grew by 1 GB and stayed there. Each is cut at GATEWAY_MAX_HEADER_BYTES."""
+    gateway = gateway_factory({"GATEWAY_ANONYMOUS_PUBLISH": "canary", "GATEWAY_LOG_LEVEL": "info"})
+    report, observed, sampler = siege(gateway, "headers", sockets=1000, line_bytes=8000)
+    assert report.get("answer:431", 0) > 1000, report  # cut at the header budget, answered
+    assert sampler.growth_mib() < 64, sampler.samples[-5:]
+    assert gateway.metric("wsgateway_handshakes_refused_total") >= report["answer:431"] * 0.9
+    assert_canary_unharmed(observed)
+
+
+def test_handshakes_held_open_are_bounded_in_count_and_bytes(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Sockets that send 15 KB of headers (just under the budget) and then nothing: at most
+    GATEWAY_MAX_HANDSHAKES of them at once, the oldest making room for the newest."""
+    gateway = gateway_factory(
+        {
+            "GATEWAY_ANONYMOUS_PUBLISH": "canary",
+            "GATEWAY_LOG_LEVEL": "info",
+            "GATEWAY_MAX_HANDSHAKES": "500",
+        }
+    )
+    report, observed, sampler = siege(
+        gateway, "headers", sockets=1500, line_bytes=7500, lines=2, interval=60
+    )
+    assert report["opened"] > 1500, report
+    # 500 handshakes of 15 KB and the canary's few sockets: the rest were displaced.
+    assert sampler.peak_fds < 500 + 64, sampler.peak_fds
+    assert sampler.growth_mib() < 32, sampler.samples[-5:]
+    assert gateway.metric("wsgateway_handshakes_refused_total") > 500
+    assert_canary_unharmed(observed)
+
+
+def test_silent_sockets_cannot_take_the_descriptors_redis_needs(
+    redis_server: RedisServer, gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """Sockets that connect and say nothing, far more than the file limit allows: before,
+    the Redis link failed with EMFILE and clients lost messages. Now the reserve holds: the
+    Redis link stays up, readiness answers, and the canary gets every message."""
+    files = 600
+    gateway = gateway_factory(
+        {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_LOG_LEVEL": "info"},
+        files=(files, files),
+    )
+    readiness: list[int | None] = []
+
+    def probe() -> None:
+        readiness.extend(gateway.http_status("/readyz") for _ in range(5))
+
+    report, observed, sampler = siege(
+        gateway, "silent", redis=redis_server, sockets=3000, during=probe
+    )
+    assert report["opened"] > 3000, report
+    assert readiness == [200] * 5
+    assert sampler.peak_fds <= files, sampler.peak_fds
+    assert gateway.metric("wsgateway_backplane_reconnects_total") == 0
+    assert gateway.metric("wsgateway_handshakes_refused_total") > 0
+    assert "Too many open files" not in gateway.logs()
+    assert_canary_unharmed(observed)
+
+
+@pytest.mark.parametrize("kind", ["pings", "fragments"])
+def test_control_frame_and_fragment_floods_are_closed_1008(
+    gateway_factory: GatewayFactory, kind: str
+) -> None:
+    """Ten clients send ping frames (or one-byte fragments) as fast as they can: every frame
+    counts against GATEWAY_RATE_LIMIT, so each is closed with 1008 after its burst, and the
+    rest of its flood is never parsed."""
+    gateway = gateway_factory({"GATEWAY_ANONYMOUS_PUBLISH": "canary", "GATEWAY_LOG_LEVEL": "info"})
+    report, observed, _ = siege(gateway, kind, clients=10)
+    assert report.get("close:1008", 0) >= 10, report
+    assert report.get("close:None", 0) == 0, report
+    closed = gateway.metric(
+        "wsgateway_connections_closed_total", websocket_close_code="1008", reason="rate_limit"
+    )
+    assert closed >= report["close:1008"]
+    assert_canary_unharmed(observed)
