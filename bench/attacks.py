@@ -12,9 +12,12 @@ Attacks:
 * ``silent``: sockets that connect and say nothing;
 * ``pings``: WebSocket connections that send ping frames as fast as they can;
 * ``fragments``: WebSocket connections that send a message as endless one-byte fragments;
+* ``channels``: connections that subscribe to and unsubscribe from fresh channel names, over
+  and over;
 * ``churn``: connections that open, subscribe to fresh channel names and leave, over and over;
-* ``resume``: clients that subscribe to a history channel with ``since`` offset 0 all at once,
-  reading their replay or (``--no-read``) never reading it.
+* ``resume``: clients that subscribe to a history channel with ``since`` (offset 0, or
+  ``--behind`` messages behind its top) all at once, reading their replay or (``--no-read``)
+  never reading it.
 """
 
 from __future__ import annotations
@@ -213,17 +216,63 @@ async def churn(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -
     await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
 
 
+async def channels(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """One connection subscribing to and unsubscribing from channel names never used before,
+    as fast as the gateway answers (``--clients`` such connections)."""
+    names = iter(range(1 << 62))
+    prefix = f"names.{os.getpid()}."
+    window = 50  # requests in flight per connection
+
+    async def one() -> None:
+        opened = await open_websocket(args.url)
+        if opened is None:
+            counts["refused"] += 1
+            await asyncio.sleep(0.1)
+            return
+        reader, writer = opened
+        counts["opened"] += 1
+        while not stop.is_set():
+            batch = []
+            for _ in range(window):
+                channel = f"{prefix}{next(names)}"
+                for op in ("subscribe", "unsubscribe"):
+                    request = {"op": op, "channel": channel}
+                    batch.append(masked(Opcode.TEXT, json.dumps(request).encode()))
+            writer.write(b"".join(batch))
+            await writer.drain()
+            answers, tail = 0, b""
+            while answers < 2 * window:
+                data = await reader.read(65536)
+                if not data:
+                    counts["closed"] += 1
+                    return
+                # A reply may straddle two reads: look at the end of the last one too (too
+                # short to hold a whole reply, so none is counted twice).
+                seen, tail = tail + data, data[-10:]
+                errors = seen.count(b'"op":"error"')
+                answers += seen.count(b'subscribed"') + errors
+                counts["errors"] += errors
+                if close_code(data) is not None:
+                    counts[f"close:{close_code(data)}"] += 1
+                    return
+            counts["names"] += window
+        writer.close()
+
+    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
+
+
 async def resume(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
     """Clients that all resume a history channel from offset 0 at the same moment."""
     from websockets.asyncio.client import connect
 
     async with connect(args.url, ping_interval=None) as probe:
         await probe.send(json.dumps({"op": "subscribe", "channel": args.channel}))
-        epoch = json.loads(await probe.recv())["epoch"]
+        top = json.loads(await probe.recv())
+    offset = max(0, top["offset"] - args.behind) if args.behind else 0
     subscribe = {
         "op": "subscribe",
         "channel": args.channel,
-        "since": {"offset": 0, "epoch": epoch},
+        "since": {"offset": offset, "epoch": top["epoch"]},
     }
     connections = []
     for _ in range(args.clients):
@@ -242,6 +291,9 @@ async def resume(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) 
     async def read(reader: asyncio.StreamReader) -> None:
         while data := await reader.read(1 << 20):
             counts["bytes_received"] += len(data)
+            for answer in (b"true", b"false"):
+                counts[f"recovered:{answer.decode()}"] += data.count(b'"recovered":' + answer)
+        counts["closed"] += 1
 
     if args.no_read:
         for _, writer in connections:
@@ -261,6 +313,7 @@ ATTACKS = {
     "silent": silent,
     "pings": pings,
     "fragments": fragments,
+    "channels": channels,
     "churn": churn,
     "resume": resume,
 }
@@ -294,6 +347,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per-connection", type=int, default=20, help="churn")
     parser.add_argument("--channel", default="h.storm", help="resume")
     parser.add_argument("--no-read", action="store_true", help="resume")
+    parser.add_argument(
+        "--behind", type=int, default=0, help="resume: this many messages behind (0: offset 0)"
+    )
     return parser.parse_args(argv)
 
 

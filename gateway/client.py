@@ -35,6 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from gateway.backoff import full_jitter
+from gateway.history import EMPTY_EPOCH
 
 __all__ = ["Client", "ClientError", "Message", "Resync"]
 
@@ -298,6 +299,8 @@ class Client:
         offset, epoch = frame.get("offset"), frame.get("epoch")
         if offset is not None and epoch is not None:
             last = self.positions.get(channel)
+            if last == (0, EMPTY_EPOCH):
+                last = (0, epoch)  # subscribed before the channel had history: its start
             if last is not None:
                 if epoch == last[1] and offset <= last[0]:
                     return  # already yielded

@@ -2,68 +2,91 @@
 
 A history channel's messages carry an ``offset`` (1, 2, 3, ... with no holes) within an
 ``epoch`` (the identity of the channel's stream; a new epoch means offsets restarted). A
-:class:`Cursor` follows one channel on one replica: it lets each message through once, in
+channel never published to (or whose history was forgotten) is at offset 0 of
+:data:`EMPTY_EPOCH`: the position before any epoch, which no read stores anywhere.
+
+A :class:`Cursor` follows one channel on one replica: it lets each message through once, in
 order, and says when one is missing so the hub can fetch it from the stream. :func:`recover`
-decides what a client that asks to resume from a position gets.
+decides what a client that asks to resume from a position gets; a read brings at most a
+:class:`ReadLimit` of the newest messages, so a client further behind than that learns it
+cannot be replayed rather than making the replica hold its whole gap.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-__all__ = ["Cursor", "Page", "Recovery", "Verdict", "recover"]
+__all__ = ["EMPTY_EPOCH", "Cursor", "Page", "ReadLimit", "Recovery", "Verdict", "recover"]
+
+#: The epoch of a channel without history. Real epochs are 16 hex digits, never this.
+EMPTY_EPOCH = "0"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
-class Page:
+class ReadLimit:
+    """The most one read of a history brings: its newest ``messages`` and ``bytes``."""
+
+    messages: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
     """One read of a channel's history, taken atomically.
 
     ``epoch`` is None when the channel has no history (never published, or forgotten);
     ``top`` is the offset of its last message; ``entries`` are ``(offset, envelope)`` pairs in
-    order, those after the offset that was asked for and still retained.
+    order: the newest ones after the offset that was asked for, still retained and within
+    the read's limit (so they may start well after that offset).
     """
 
     epoch: str | None
     top: int
-    entries: list[tuple[int, bytes]] = field(default_factory=list)
+    entries: list[tuple[int, T]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
-class Recovery:
+class Recovery(Generic[T]):
     """What a subscriber resuming from ``since`` gets.
 
     ``recovered`` says whether ``replay`` holds every message it missed; either way it
-    continues live from ``position`` (its offset: everything up to it is replayed or lost).
+    continues live from ``position`` of ``epoch`` (everything up to it is replayed or lost).
     """
 
     recovered: bool
-    epoch: str | None
+    epoch: str
     position: int
-    replay: list[tuple[int, bytes]]
+    replay: list[tuple[int, T]]
 
 
-def recover(page: Page, since: tuple[int, str] | None) -> Recovery:
+def recover(page: Page[T], since: tuple[int, str] | None) -> Recovery[T]:
     """Decide a resume from ``since`` (offset last seen, epoch) given a fresh ``page``.
 
     Without ``since`` nothing is replayed and the subscriber starts at the top. With it, the
-    replay is complete only if the epoch is the same and the stream still holds the message
-    right after ``since`` (or nothing was published since).
+    replay is complete only if the epoch is the same (offset 0 of :data:`EMPTY_EPOCH`, seen
+    before the channel had history, is the start of any epoch) and the page holds every
+    message after ``since`` up to the top.
     """
+    epoch = page.epoch if page.epoch is not None else EMPTY_EPOCH
     if since is None:
-        return Recovery(False, page.epoch, page.top, [])
-    offset, epoch = since
+        return Recovery(False, epoch, page.top, [])
+    offset, since_epoch = since
+    if since_epoch == EMPTY_EPOCH and offset == 0:
+        since_epoch = epoch  # nothing was seen: the start of whatever history there is now
     entries = page.entries
     complete = (
-        page.epoch is not None
-        and epoch == page.epoch
+        since_epoch == epoch
         and offset <= page.top
         and (entries[0][0] == offset + 1 if entries else offset == page.top)
         and (not entries or entries[-1][0] == page.top)
     )
     if not complete:
-        return Recovery(False, page.epoch, page.top, [])
-    return Recovery(True, page.epoch, page.top, entries)
+        return Recovery(False, epoch, page.top, [])
+    return Recovery(True, epoch, page.top, entries)
 
 
 class Verdict(enum.Enum):

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
 from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
-from gateway.history import Cursor, Page, Recovery, Verdict, recover
+from gateway.history import EMPTY_EPOCH, Cursor, Page, ReadLimit, Recovery, Verdict, recover
 from gateway.protocol import Outbound, message
 from gateway.session import Session
 from gateway.stats import Stats
@@ -46,6 +47,11 @@ __all__ = ["Hub", "Joined"]
 _TOP = 2**53
 #: Reads of a stream to fill a gap before delivering what was held without it.
 _FILL_ATTEMPTS = 5
+#: History reads in flight at once: each may bring a whole ReadLimit of envelopes, so the
+#: memory a burst of reads on many channels takes is bounded by this many of them.
+_READS_AT_ONCE = 4
+#: The default read limit (the settings' defaults).
+_READ_LIMIT = ReadLimit(1000, 4 * 1024 * 1024)
 
 log = logging.getLogger("gateway.hub")
 
@@ -58,6 +64,7 @@ class _Channel:
         "batch_bytes",
         "catching",
         "cursor",
+        "decoded",
         "fetch",
         "flush",
         "held",
@@ -98,6 +105,11 @@ class _Channel:
         self.catching: dict[Session, tuple[str | None, int]] = {}
         # The history read that subscribers arriving now will share (see Hub._read_shared).
         self.next_read: _Read | None = None
+        # The messages read from the stream that some client still has to receive: a later
+        # read of the same offsets shares them instead of holding copies of its own.
+        self.decoded: weakref.WeakValueDictionary[tuple[str | None, int], Outbound] | None = (
+            weakref.WeakValueDictionary() if history else None
+        )
 
     @property
     def active(self) -> bool:
@@ -107,34 +119,29 @@ class _Channel:
 class _Read:
     """One read of a channel's history, shared by the subscribers that asked together."""
 
-    __slots__ = ("_messages", "after", "channel", "done", "page")
+    __slots__ = ("after", "done", "page")
 
-    def __init__(self, channel: str, after: int) -> None:
-        self.channel = channel
+    def __init__(self, after: int) -> None:
         self.after = after
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.page = Page(None, 0)
-        self._messages: list[tuple[int, Outbound]] | None = None
-
-    def messages(
-        self, decode: Callable[[str, bytes], Envelope | None]
-    ) -> list[tuple[int, Outbound]]:
-        """The page's entries as message frames, decoded and encoded once for all readers."""
-        if self._messages is None:
-            self._messages = []
-            for offset, payload in self.page.entries:
-                envelope = decode(self.channel, payload)
-                if envelope is not None:
-                    self._messages.append((offset, message(envelope)))
-        return self._messages
+        #: The entries decoded and framed once for all readers (None: malformed).
+        self.page: Page[Outbound | None] = Page(None, 0)
 
 
 @dataclass(frozen=True, slots=True)
 class Joined:
     """A subscription to a history channel: the client's starting point, what it missed."""
 
-    recovery: Recovery
+    recovery: Recovery[Outbound | None]
     replay: list[Outbound]
+
+
+def _settle(done: asyncio.Future[None]) -> None:
+    """A shared read's outcome, whatever ended its task, retrieved so that none is left
+    unreported when every waiter has gone."""
+    if not done.done():
+        done.set_exception(BackplaneUnavailable("history read cancelled"))
+    done.exception()
 
 
 def _deliver(members: dict[Session, None], batch: list[Outbound], frame: bytes) -> int:
@@ -172,8 +179,11 @@ class Hub:
         coalesce: bool = True,
         window: float = 0.0,
         max_batch_bytes: int = 65536,
+        read_limit: ReadLimit = _READ_LIMIT,
     ) -> None:
         self.stats = stats
+        self.read_limit = read_limit
+        self._reads = asyncio.Semaphore(_READS_AT_ONCE)
         self.telemetry = telemetry
         self.coalesce = coalesce
         self.window = window
@@ -274,18 +284,20 @@ class Hub:
         history that cannot be read never stops the live messages for long."""
         cursor = local.cursor
         assert cursor is not None
-        page = Page(None, 0)
+        page: Page[bytes] = Page(None, 0)
         for attempt in range(_FILL_ATTEMPTS):
             after = cursor.after(cursor.epoch)
             starts = [start for epoch, start in local.catching.values() if epoch == cursor.epoch]
             if cursor.offset is None and starts:
                 after = min(starts)
             try:
-                page = await self.backplane.history(local.name, after)
-                if page.epoch != cursor.epoch and cursor.epoch is not None and after:
-                    # The history restarted meanwhile (Redis lost it, a failover lost the
-                    # last writes): everything of the new epoch is missing, from its start.
-                    page = await self.backplane.history(local.name, 0)
+                async with self._reads:
+                    page = await self.backplane.history(local.name, after, self.read_limit)
+                    epoch = page.epoch if page.epoch is not None else EMPTY_EPOCH
+                    if epoch != cursor.epoch and cursor.epoch is not None and after:
+                        # The history restarted meanwhile (Redis lost it, a failover lost
+                        # the last writes): everything of the new epoch is missing.
+                        page = await self.backplane.history(local.name, 0, self.read_limit)
                 break
             except BackplaneUnavailable as exc:
                 if attempt + 1 == _FILL_ATTEMPTS:
@@ -441,11 +453,9 @@ class Hub:
         assert cursor is not None
         if cursor.epoch is None:
             cursor.epoch = recovery.epoch
-        replay = (
-            [item for offset, item in read.messages(self._decode) if offset > after]
-            if recovery.recovered
-            else []
-        )
+        # The page's messages are shared with every client resuming from it; this list of
+        # references is the client's own.
+        replay = [item for _, item in recovery.replay if item is not None]
         start = recovery.position
         replay.extend(item for item in kept if item.offset is None or item.offset > start)
         if cursor.epoch == recovery.epoch and (cursor.offset or 0) >= start:
@@ -456,38 +466,51 @@ class Hub:
         return Joined(recovery, replay)
 
     async def _read_shared(self, local: _Channel, after: int) -> _Read:
-        """Read the channel's history once for every subscriber that asks in the same loop
-        iteration (a reconnect storm: the clients of a lost replica arriving together), from
+        """Read the channel's history once for every subscriber that asks before the read
+        starts (a reconnect storm: the clients of a lost replica arriving together), from
         the lowest position asked; each takes the part after its own.
 
-        The read starts on the next iteration, after every such subscriber began keeping the
-        live messages, so none falls between the read and what it keeps.
+        The read starts on a later loop iteration (after a free read slot, see
+        ``_READS_AT_ONCE``), after every such subscriber began keeping the live messages, so
+        none falls between the read and what it keeps.
         """
         read = local.next_read
         if read is None:
-            read = local.next_read = _Read(local.name, after)
-            asyncio.get_running_loop().call_soon(self._start_read, local, read)
+            read = local.next_read = _Read(after)
+            task = asyncio.create_task(self._read(local, read), name=f"read {local.name}")
+            task.add_done_callback(lambda _: _settle(read.done))
         else:
             read.after = min(read.after, after)
         await asyncio.shield(read.done)
         return read
 
-    def _start_read(self, local: _Channel, read: _Read) -> None:
-        if local.next_read is read:
-            local.next_read = None  # who comes now needs a read that starts after it
+    async def _read(self, local: _Channel, read: _Read) -> None:
+        try:
+            async with self._reads:
+                if local.next_read is read:
+                    local.next_read = None  # who comes now needs a read that starts after it
+                raw = await self.backplane.history(local.name, read.after, self.read_limit)
+        except Exception as exc:
+            read.done.set_exception(exc)
+            return
+        read.page = self._decode_page(local, raw)
+        read.done.set_result(None)
 
-        def finished(task: asyncio.Task[Page]) -> None:
-            if task.cancelled():
-                read.done.set_exception(BackplaneUnavailable("history read cancelled"))
-            elif (exc := task.exception()) is not None:
-                read.done.set_exception(exc)
-            else:
-                read.page = task.result()
-                read.done.set_result(None)
-            read.done.exception()  # retrieved: waiters that left must not leave a warning
-
-        task = asyncio.create_task(self.backplane.history(local.name, read.after))
-        task.add_done_callback(finished)
+    def _decode_page(self, local: _Channel, raw: Page[bytes]) -> Page[Outbound | None]:
+        """A page's entries as message frames, each decoded and encoded once, and once for
+        every read that brings the same offset while a client still has it to receive."""
+        decoded = local.decoded
+        assert decoded is not None
+        entries: list[tuple[int, Outbound | None]] = []
+        for offset, payload in raw.entries:
+            key = (raw.epoch, offset)
+            item = decoded.get(key)
+            if item is None:
+                envelope = self._decode(local.name, payload)
+                if envelope is not None:
+                    item = decoded[key] = message(envelope)
+            entries.append((offset, item))
+        return Page(raw.epoch, raw.top, entries)
 
     async def unsubscribe(self, session: Session, channel: str) -> bool:
         """Remove ``session`` from ``channel``; False if it was not subscribed."""

@@ -1,17 +1,48 @@
 """A client's bounded queue of outbound messages and the slow-consumer policy. Pure.
 
-A session uses its outbox only while its transport is congested; an uncongested client gets
-each frame written straight through. Both bounds (messages and bytes) always hold.
+A session uses its outbox only while its transport is congested or a replay is under way;
+an uncongested client gets each frame written straight through. Both bounds (messages and
+bytes) always hold for what the outbox owns.
+
+A replay (the messages a resuming client missed) waits in the outbox as one entry, a
+:class:`Replay`: a view of a list of messages that every client resuming together shares,
+taken page by page as the client's transport drains. Its messages belong to that shared
+list, so they do not count against the client's byte bound; the entry counts as one
+message, and what arrives after it waits behind it, within the bounds.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 from gateway.protocol import Outbound
 from gateway.settings import SlowConsumerPolicy
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "Replay"]
+
+
+class Replay:
+    """The part of a shared list of messages one client has still to receive."""
+
+    __slots__ = ("index", "items")
+
+    def __init__(self, items: Sequence[Outbound]) -> None:
+        self.items = items
+        self.index = 0
+
+    def __len__(self) -> int:
+        return len(self.items) - self.index
+
+    def take(self, max_bytes: int) -> list[Outbound]:
+        """The next messages, at least one and then up to ``max_bytes`` in all."""
+        items, start = self.items, self.index
+        end, total = start, 0
+        while end < len(items) and (end == start or total + len(items[end]) <= max_bytes):
+            total += len(items[end])
+            end += 1
+        self.index = end
+        return list(items[start:end])
 
 
 class Outbox:
@@ -21,7 +52,7 @@ class Outbox:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.policy = policy
-        self._items: deque[Outbound] = deque()
+        self._items: deque[Outbound | Replay] = deque()
         self.bytes = 0
         self.dropped = 0  # messages lost to drop-oldest / drop-newest
 
@@ -30,6 +61,11 @@ class Outbox:
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+    @property
+    def replaying(self) -> bool:
+        """The next messages to write come from a replay."""
+        return bool(self._items) and isinstance(self._items[0], Replay)
 
     def _fits(self, size: int) -> bool:
         return len(self._items) < self.max_messages and self.bytes + size <= self.max_bytes
@@ -46,27 +82,55 @@ class Outbox:
             self.dropped += 1
             return True
         while self._items and not self._fits(size):
-            self.bytes -= len(self._items.popleft())
-            self.dropped += 1
+            self._drop_oldest()
         self._append(item, size)
         return True
+
+    def push_replay(self, items: Sequence[Outbound]) -> None:
+        """Queue a replay of shared ``items`` behind what is queued, whatever the bounds: it
+        is what the client asked for, bounded by the replay limits."""
+        if items:
+            self._items.append(Replay(items))
 
     def _append(self, item: Outbound, size: int) -> None:
         self._items.append(item)
         self.bytes += size
 
+    def _drop_oldest(self) -> None:
+        oldest = self._items.popleft()
+        if isinstance(oldest, Replay):
+            self.dropped += len(oldest)
+        else:
+            self.bytes -= len(oldest)
+            self.dropped += 1
+
     def pop_batch(self, max_bytes: int) -> list[Outbound]:
-        """Take queued items in order, at least one and then up to ``max_bytes`` in all."""
+        """Take queued messages in order, at least one and then up to ``max_bytes`` in all.
+
+        A replay at the head gives a page of its messages; queued messages behind it wait
+        for the next batch, so a batch never mixes the two.
+        """
+        items = self._items
+        head = items[0]
+        if isinstance(head, Replay):
+            page = head.take(max_bytes)
+            if not head:
+                items.popleft()
+            return page
         batch: list[Outbound] = []
         total = 0
-        items = self._items
-        while items and (not batch or total + len(items[0]) <= max_bytes):
-            item = items.popleft()
-            total += len(item)
-            batch.append(item)
+        while items and not isinstance(head := items[0], Replay):
+            if batch and total + len(head) > max_bytes:
+                break
+            items.popleft()
+            total += len(head)
+            batch.append(head)
         self.bytes -= total
         return batch
 
-    def clear(self) -> None:
+    def clear(self) -> int:
+        """Forget everything queued; return how many messages that was."""
+        count = sum(len(item) if isinstance(item, Replay) else 1 for item in self._items)
         self._items.clear()
         self.bytes = 0
+        return count

@@ -176,7 +176,7 @@ class Outbound:
     without compression the same bytes serve every subscriber.
     """
 
-    __slots__ = ("frame", "offset", "text", "ts")
+    __slots__ = ("__weakref__", "frame", "offset", "text", "ts")
 
     def __init__(self, text: bytes, ts: int | None = None, offset: int | None = None) -> None:
         self.text = text

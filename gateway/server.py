@@ -31,6 +31,7 @@ from gateway.access import Access
 from gateway.admission import Admission
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
 from gateway.backplane import BackplaneUnavailable, create_backplane
+from gateway.history import ReadLimit
 from gateway.hub import Hub
 from gateway.protocol import (
     Close,
@@ -86,6 +87,7 @@ class Gateway:
             coalesce=settings.coalesce,
             window=settings.coalesce_window,
             max_batch_bytes=settings.write_limit,
+            read_limit=ReadLimit(settings.replay_max_messages, settings.replay_max_bytes),
         )
         self.auth = _authenticator(settings)
         self.limits = Limits(
@@ -414,8 +416,7 @@ class Gateway:
                 epoch=recovery.epoch,
             )
         )
-        if joined.replay:
-            session.deliver(joined.replay, b"".join([item.frame for item in joined.replay]))
+        session.replay(joined.replay)
 
     async def _publish(self, session: Session, request: Publish) -> None:
         if not session.access.can_publish(request.channel):

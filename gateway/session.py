@@ -6,7 +6,9 @@ Outbound messages take the shortest path that keeps every bound:
   straight to the transport, no queue, no task switch;
 * congested client: the message waits in its bounded :class:`~gateway.outbox.Outbox` and the
   slow-consumer policy applies when that fills; when the transport drains (``resume_writing``)
-  the queued frames go out coalesced into few writes.
+  the queued frames go out coalesced into few writes;
+* resuming client: its replay waits in the outbox too, a page at a time going to the
+  transport as it drains, and what arrives meanwhile waits behind it.
 
 While a client is congested the gateway also stops reading from it, so a client that does not
 read cannot make the gateway write (pongs to its pings, replies to its requests) without bound.
@@ -343,8 +345,7 @@ class Session:
                 self._write(items, frame)
             return
         if outbox is None:
-            limits = self.limits
-            outbox = self.outbox = Outbox(limits.max_messages, limits.max_bytes, limits.policy)
+            outbox = self._new_outbox()
         for item in items:
             before = outbox.dropped
             self.stats.record_queue_depth(len(outbox))
@@ -353,6 +354,26 @@ class Session:
                 return
             if outbox.dropped != before:
                 self.stats.drops[(outbox.policy, "queue_full")] += outbox.dropped - before
+
+    def _new_outbox(self) -> Outbox:
+        limits = self.limits
+        self.outbox = Outbox(limits.max_messages, limits.max_bytes, limits.policy)
+        return self.outbox
+
+    def replay(self, items: Sequence[Outbound]) -> None:
+        """Hand a resuming client the messages it missed, after whatever it has queued.
+
+        ``items`` is shared by every client of a reconnect storm: it is written page by page
+        as this client's transport drains, never copied whole, and a client that stops
+        reading meanwhile is cut off like any other (stall timeout, slow-consumer policy on
+        what arrives behind the replay).
+        """
+        if self.close_code is not None or not items:
+            return
+        outbox = self.outbox if self.outbox is not None else self._new_outbox()
+        outbox.push_replay(items)
+        self.direct = None
+        self.flush()
 
     def _evict_slow_consumer(self, outbox: Outbox) -> None:
         self.stats.slow_consumers += 1
@@ -375,8 +396,11 @@ class Session:
             if connection.protocol.state is not State.OPEN:
                 outbox.clear()
                 return
+            replayed = outbox.replaying
             batch = outbox.pop_batch(connection.write_limit_high)
             self._write(batch, b"".join([item.frame for item in batch]) if self._raw else b"")
+            if replayed:
+                continue  # old messages: their age is not a delivery latency
             now_ms = time.time() * 1000
             for item in batch:
                 if item.ts is not None:
@@ -439,8 +463,8 @@ class Session:
         self.close_code = code
         self.close_reason = reason
         if self.outbox:
-            self.stats.drops[(self.limits.policy, "closed")] += len(self.outbox)
-            self.outbox.clear()  # the client will never read these; free them now
+            # The client will never read these: free them now.
+            self.stats.drops[(self.limits.policy, "closed")] += self.outbox.clear()
         connection = self.connection
         if connection.protocol.state is State.OPEN:
             try:

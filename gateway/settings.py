@@ -207,6 +207,18 @@ class Settings(BaseSettings):
         description="seconds a silent history channel keeps its stream and epoch; after that "
         "its offsets restart in a new epoch",
     )
+    replay_max_messages: int = Field(
+        1000,
+        ge=1,
+        description="most messages one resume (subscribe with since) may replay; a client "
+        "further behind gets recovered: false and starts from the top",
+    )
+    replay_max_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=65536,
+        description="most envelope bytes one resume may replay (and one read of a history "
+        "brings); a client further behind gets recovered: false",
+    )
     demo_page: Literal["auto", "on", "off"] = Field(
         "auto",
         description="the browser demo page at /: auto serves it on the embedded memory "

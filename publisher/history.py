@@ -96,9 +96,10 @@ class HistoryPolicy:
             "SPUBLISH" if sharded else "PUBLISH",
         ]
 
-    def read_args(self, after: int, count: int) -> list[int | str]:
+    @staticmethod
+    def read_args(after: int, count: int, max_bytes: int) -> list[int]:
         """ARGV of :data:`READ_LUA`."""
-        return [after, count, new_epoch(), self.retention_ms]
+        return [after, count, max_bytes]
 
 
 #: KEYS: stream, meta. ARGV: pub/sub channel, version 1 envelope (compact JSON, as built by
@@ -142,18 +143,23 @@ local receivers = redis.call(ARGV[7] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', 
 return {offset, epoch, receivers}
 """
 
-#: KEYS: stream, meta. ARGV: the offset to read after, how many entries at most, an epoch to
-#: start with if the channel has none, retention ms. Returns {epoch, last offset,
-#: {{id, {'e', envelope, 't', ms}}, ...}} in one atomic read. A channel read before its first
-#: message gets its epoch here, so that a subscriber has a position to resume from at once.
+#: KEYS: stream, meta. ARGV: the offset to read after, how many entries at most, how many
+#: envelope bytes at most. Returns {epoch, last offset, {{id, {'e', envelope, 't', ms}}, ...}}
+#: in one atomic read: the newest entries after the offset that fit both limits, oldest
+#: first (a reader far behind learns at once that its gap is larger than it may replay).
+#: A channel never published to has no epoch (nil) and top 0: a read creates no key.
 READ_LUA = r"""
 local state = redis.call('HMGET', KEYS[2], 'epoch', 'offset')
 if not state[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', ARGV[3], 'offset', 0)
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  return {ARGV[3], 0, {}}
+  return {false, 0, {}}
 end
-local entries = redis.call('XRANGE', KEYS[1], '(0-' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '(0-' .. ARGV[1], 'COUNT', ARGV[2])
+local budget = tonumber(ARGV[3])
+local entries = {}
+for _, entry in ipairs(newest) do
+  budget = budget - #entry[2][2]
+  if budget < 0 then break end
+  table.insert(entries, 1, entry)
+end
 return {state[1], tonumber(state[2]), entries}
 """

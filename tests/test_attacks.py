@@ -150,3 +150,81 @@ def test_control_frame_and_fragment_floods_are_closed_1008(
     )
     assert closed >= report["close:1008"]
     assert_canary_unharmed(observed)
+
+
+@pytest.fixture
+def storm_history(redis_server: RedisServer) -> RedisServer:
+    """A history channel ``h.storm`` of 1,000 messages of 60 KiB each."""
+    from publisher import Publisher
+    from publisher.history import HistoryPolicy
+
+    pad = "x" * (60 * 1024)
+    with Publisher(redis_server.url, history=HistoryPolicy(patterns=("h.*",))) as publisher:
+        for n in range(1000):
+            publisher.publish("h.storm", {"n": n, "pad": pad})
+    return redis_server
+
+
+def storm_gateway(factory: GatewayFactory, redis: RedisServer, **env: str) -> GatewayProcess:
+    return factory(
+        {
+            "GATEWAY_REDIS_URL": redis.url,
+            "GATEWAY_HISTORY_CHANNELS": "h.*",
+            "GATEWAY_LOG_LEVEL": "info",
+            **env,
+        }
+    )
+
+
+def test_a_resume_storm_beyond_the_replay_limit_starts_from_the_top(
+    storm_history: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """40 clients resume from offset 0 of a 60 MB history at once: before, each replay was
+    joined into one buffer per client (2.5 GB). 60 MB is beyond GATEWAY_REPLAY_MAX_BYTES:
+    each gets recovered: false at once, and no read brings more than the limit."""
+    gateway = storm_gateway(gateway_factory, storm_history)
+    report, observed, sampler = siege(gateway, "resume", redis=storm_history, clients=40)
+    assert report["recovered:false"] == 40, report
+    assert report.get("recovered:true", 0) == 0, report
+    assert sampler.growth_mib() < 32, sampler.samples[-5:]
+    assert_canary_unharmed(observed)
+
+
+def test_a_resume_storm_within_the_limit_is_paged_through_shared_messages(
+    storm_history: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """40 clients each replay 24 MB (400 messages of 60 KiB) at once, 960 MB in all: the
+    replica reads and frames the messages once, and each client takes them page by page as
+    its socket drains."""
+    gateway = storm_gateway(
+        gateway_factory, storm_history, GATEWAY_REPLAY_MAX_BYTES=str(32 * 1024 * 1024)
+    )
+    report, observed, sampler = siege(
+        gateway, "resume", redis=storm_history, clients=40, behind=400, seconds=15
+    )
+    assert report["recovered:true"] == 40, report
+    assert report["bytes_received"] > 40 * 400 * 60 * 1024, report
+    assert sampler.growth_mib() < 100, sampler.samples[-5:]
+    assert_canary_unharmed(observed)
+
+
+def test_resumers_that_do_not_read_hold_shared_messages_until_cut_off(
+    storm_history: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """20 clients resume 24 MB each and never read: they hold the shared messages, not
+    copies, and are cut off by the stall timeout like any client that stops reading."""
+    gateway = storm_gateway(
+        gateway_factory,
+        storm_history,
+        GATEWAY_REPLAY_MAX_BYTES=str(32 * 1024 * 1024),
+        GATEWAY_STALL_TIMEOUT="3",
+    )
+    report, observed, sampler = siege(
+        gateway, "resume", redis=storm_history, clients=20, behind=400, no_read=True
+    )
+    assert report["connected"] == 20, report
+    assert sampler.growth_mib() < 100, sampler.samples[-5:]
+    assert gateway.metric(
+        "wsgateway_connections_closed_total", websocket_close_code="1013", reason="slow_consumer"
+    ) == 20
+    assert_canary_unharmed(observed)

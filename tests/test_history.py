@@ -32,7 +32,7 @@ from tests.harness import (
 
 
 def test_no_position_starts_at_the_top() -> None:
-    page = Page("e", 7, [])
+    page: Page[bytes] = Page("e", 7, [])
     recovery = recover(page, None)
     assert (recovery.recovered, recovery.position, recovery.epoch, recovery.replay) == (
         False,
@@ -52,9 +52,15 @@ def test_no_position_starts_at_the_top() -> None:
         (Page("e", 5, []), (9, "e"), False),  # a position from the future
         (Page(None, 0, []), (3, "e"), False),  # no history at all
         (Page("e", 6, [(4, b"4"), (5, b"5")]), (3, "e"), False),  # the read stopped short
+        # Offset 0 of the empty epoch: seen before the channel had history.
+        (Page(None, 0, []), (0, "0"), True),  # still none: nothing missed
+        (Page("e", 2, [(1, b"1"), (2, b"2")]), (0, "0"), True),  # all of it since
+        (Page("e", 2, [(2, b"2")]), (0, "0"), False),  # its first message is gone
+        (Page(None, 0, []), (3, "0"), False),  # no such position
+        (Page(None, 0, []), (0, "e"), False),  # the history was lost
     ],
 )
-def test_recover(page: Page, since: tuple[int, str], recovered: bool) -> None:
+def test_recover(page: Page[bytes], since: tuple[int, str], recovered: bool) -> None:
     recovery = recover(page, since)
     assert recovery.recovered is recovered
     assert recovery.position == page.top
@@ -197,11 +203,13 @@ async def test_resume_replays_what_was_missed_then_goes_live(
 ) -> None:
     url = history_gateway.ws_url
     async with client(url) as ws:
+        # Before its first message a channel is at offset 0 of the empty epoch "0".
         reply = await _subscribe(ws, "h.news")
-        assert reply["offset"] == 0 and "recovered" not in reply
-        epoch = reply["epoch"]
+        assert (reply["offset"], reply["epoch"]) == (0, "0") and "recovered" not in reply
         await _publish(url, "h.news", range(3))
         got = await _messages(ws, 3)
+        epoch = got[0]["epoch"]
+        assert epoch != "0"
         assert [(m["data"], m["offset"], m["epoch"]) for m in got] == [
             (n, n + 1, epoch) for n in range(3)
         ]
@@ -212,6 +220,29 @@ async def test_resume_replays_what_was_missed_then_goes_live(
         await _publish(url, "h.news", range(6, 8))
         got = await _messages(ws, 4)
         assert [(m["data"], m["offset"]) for m in got] == [(n, n + 1) for n in range(3, 7)]
+    async with client(url) as ws:
+        # A position taken before the channel had history resumes from its first message.
+        reply = await _subscribe(ws, "h.news", {"offset": 0, "epoch": "0"})
+        assert (reply["recovered"], reply["offset"], reply["epoch"]) == (True, 8, epoch)
+        got = await _messages(ws, 8)
+        assert [m["offset"] for m in got] == list(range(1, 9))
+
+
+async def test_reads_of_channels_never_published_to_create_nothing(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """Subscribing to (and resuming on) unused history channel names leaves no Redis key:
+    an attacker cannot fill Redis for the retention period by naming channels."""
+    gateway = gateway_factory({**HISTORY, "GATEWAY_REDIS_URL": redis_server.url})
+    async with client(gateway.ws_url) as ws:
+        for n in range(50):
+            since = {"offset": 0, "epoch": "0"} if n % 2 else {"offset": 4, "epoch": "e1"}
+            reply = await _subscribe(ws, f"h.unused.{n}", since)
+            assert (reply["offset"], reply["epoch"]) == (0, "0")
+            assert reply["recovered"] is (n % 2 == 1)  # nothing was missed from nothing
+    assert redis_server.command("DBSIZE") == 0
+    await _publish(gateway.ws_url, "h.used", range(1))
+    assert redis_server.command("DBSIZE") == 2  # a publish makes the stream and its meta
 
 
 async def test_resume_that_cannot_be_complete_says_so(gateway_factory: GatewayFactory) -> None:

@@ -75,3 +75,32 @@ def test_pop_batch_coalesces_up_to_a_byte_budget_but_always_one() -> None:
     assert len(outbox.pop_batch(1)) == 1  # never stuck on a frame larger than the budget
     assert len(outbox) == 6
     assert outbox.bytes == 6 * frame
+
+
+def test_a_replay_is_taken_page_by_page_in_its_place_in_the_queue() -> None:
+    outbox = Outbox(10, 100, "close")
+    shared = [item(n) for n in range(10, 20)]  # ten messages of 12 bytes (frame)
+    assert outbox.push(item(1))
+    outbox.push_replay(shared)
+    assert outbox.push(item(2))
+    # The replay's messages are shared: only the two queued ones count against the bytes.
+    assert outbox.bytes == 2 * len(item(0)) and len(outbox) == 3
+    assert [i.text.strip() for i in outbox.pop_batch(10**9)] == [b"1"]  # never mixed
+    assert outbox.replaying
+    pages = []
+    while outbox.replaying:
+        pages.append([i.text.strip() for i in outbox.pop_batch(3 * len(item(0)))])
+    assert pages == [[b"10", b"11", b"12"], [b"13", b"14", b"15"], [b"16", b"17", b"18"], [b"19"]]
+    assert texts(outbox) == [b"2"]
+    assert shared[0].text.strip() == b"10"  # taken, not consumed: others share the list
+
+
+def test_a_replay_counts_as_one_message_and_goes_whole_when_dropped() -> None:
+    outbox = Outbox(2, 10**6, "drop-oldest")
+    outbox.push_replay([item(n) for n in range(5)])
+    assert outbox.push(item(7))
+    assert outbox.push(item(8))  # the replay is the oldest entry: its five are dropped
+    assert outbox.dropped == 5
+    assert texts(outbox) == [b"7", b"8"]
+    outbox.push_replay([item(n) for n in range(3)])
+    assert outbox.clear() == 3

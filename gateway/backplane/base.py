@@ -6,7 +6,7 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.history import Page
+from gateway.history import Page, ReadLimit
 from publisher.history import HistoryPolicy
 
 __all__ = ["Backplane", "BackplaneUnavailable", "ChannelNames", "OnMessage", "RedisOptions"]
@@ -114,8 +114,9 @@ class Backplane(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def history(self, channel: str, after: int) -> Page:
-        """The retained messages of ``channel`` after offset ``after``, read atomically.
+    async def history(self, channel: str, after: int, limit: ReadLimit) -> Page[bytes]:
+        """The newest retained messages of ``channel`` after offset ``after`` within
+        ``limit``, read atomically. Creates nothing for a channel without history.
 
         Raises :class:`BackplaneUnavailable` when the backplane is down.
         """

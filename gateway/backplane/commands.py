@@ -15,7 +15,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from gateway.backplane.base import BackplaneUnavailable, ChannelNames
-from gateway.history import Page
+from gateway.history import Page, ReadLimit
 from publisher.history import APPEND_LUA, READ_LUA, HistoryPolicy, history_keys
 
 __all__ = ["LOST", "RedisCommands"]
@@ -51,25 +51,16 @@ class RedisCommands:
         except LOST as exc:
             raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
 
-    async def read(self, channel: str, after: int) -> Page:
-        """Read in pages of ``policy.size`` until the top; each page is atomic, and a change
-        of epoch between pages makes the result the new epoch's top with no entries."""
+    async def read(self, channel: str, after: int, limit: ReadLimit) -> Page[bytes]:
+        """The newest entries after ``after`` within ``limit``, in one atomic read."""
         keys = history_keys(self.names.prefix, channel)
-        entries: list[tuple[int, bytes]] = []
-        epoch: str | None = None
         try:
-            while True:
-                raw_epoch, top, raw_entries = await self._read(
-                    keys, self.policy.read_args(after, self.policy.size)
-                )
-                page_epoch = raw_epoch.decode()
-                if epoch is not None and page_epoch != epoch:
-                    return Page(page_epoch, int(top))
-                epoch = page_epoch
-                for entry_id, fields in raw_entries:
-                    entries.append((int(entry_id.split(b"-", 1)[1]), fields[1]))
-                if not raw_entries or entries[-1][0] >= int(top):
-                    return Page(epoch, int(top), entries)
-                after = entries[-1][0]
+            raw_epoch, top, raw_entries = await self._read(
+                keys, self.policy.read_args(after, limit.messages, limit.bytes)
+            )
         except LOST as exc:
             raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
+        if raw_epoch is None:
+            return Page(None, 0)
+        entries = [(int(entry_id.split(b"-", 1)[1]), fields[1]) for entry_id, fields in raw_entries]
+        return Page(raw_epoch.decode(), int(top), entries)

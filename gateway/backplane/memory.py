@@ -10,7 +10,7 @@ import collections
 import time
 
 from gateway.backplane.base import Backplane, OnMessage
-from gateway.history import Page
+from gateway.history import Page, ReadLimit
 from publisher.history import HistoryPolicy, new_epoch, numbered
 
 __all__ = ["MemoryBackplane"]
@@ -20,7 +20,7 @@ class _Stream:
     __slots__ = ("entries", "epoch", "offset", "used")
 
     def __init__(self, size: int) -> None:
-        self.used = 0.0  # monotonic time of the last publish or read
+        self.used = 0.0  # monotonic time of the last publish
         self.epoch = new_epoch()  # a forgotten and recreated stream must not reuse offsets
         self.offset = 0
         self.entries: collections.deque[tuple[int, bytes, float]] = collections.deque(maxlen=size)
@@ -70,8 +70,8 @@ class MemoryBackplane(Backplane):
         self.on_message(channel, envelope)
         return 1
 
-    def _stream(self, channel: str, now: float) -> _Stream:
-        """The channel's stream, made if needed; streams silent past retention are dropped."""
+    def _forget_silent(self, now: float) -> None:
+        """Drop the streams silent for longer than the retention."""
         streams = self._streams
         retention = max(self.history_policy.retention, self.history_policy.ttl)
         while streams:
@@ -79,6 +79,11 @@ class MemoryBackplane(Backplane):
             if oldest.used >= now - retention:
                 break
             streams.popitem(last=False)
+
+    def _stream(self, channel: str, now: float) -> _Stream:
+        """The channel's stream, made if needed."""
+        self._forget_silent(now)
+        streams = self._streams
         stream = streams.get(channel)
         if stream is None:
             stream = streams[channel] = _Stream(self.history_policy.size)
@@ -86,9 +91,21 @@ class MemoryBackplane(Backplane):
         stream.used = now
         return stream
 
-    async def history(self, channel: str, after: int) -> Page:
+    async def history(self, channel: str, after: int, limit: ReadLimit) -> Page[bytes]:
         now = time.monotonic()
-        stream = self._stream(channel, now)
+        self._forget_silent(now)
+        stream = self._streams.get(channel)
+        if stream is None:
+            return Page(None, 0)  # nothing made for a channel never published to
         cutoff = now - self.history_policy.ttl
-        entries = [(o, e) for o, e, t in stream.entries if o > after and t >= cutoff]
+        entries: list[tuple[int, bytes]] = []
+        budget = limit.bytes
+        for offset, envelope, published in reversed(stream.entries):
+            if offset <= after or published < cutoff or len(entries) == limit.messages:
+                break
+            budget -= len(envelope)
+            if budget < 0:
+                break
+            entries.append((offset, envelope))
+        entries.reverse()
         return Page(stream.epoch, stream.offset, entries)

@@ -40,7 +40,7 @@ from gateway.backplane.base import (
 )
 from gateway.backplane.commands import LOST as _LOST
 from gateway.backplane.commands import RedisCommands
-from gateway.history import Page
+from gateway.history import Page, ReadLimit
 from publisher.history import HistoryPolicy
 
 __all__ = ["RedisBackplane"]
@@ -169,8 +169,8 @@ class RedisBackplane(Backplane):
     async def publish(self, channel: str, envelope: bytes) -> int:
         return await self._commands.publish(channel, envelope)
 
-    async def history(self, channel: str, after: int) -> Page:
-        return await self._commands.read(channel, after)
+    async def history(self, channel: str, after: int, limit: ReadLimit) -> Page[bytes]:
+        return await self._commands.read(channel, after, limit)
 
     # The connection's life
 

@@ -84,7 +84,9 @@ function showMessage(frame) {
 
 function onMessage(frame) {
   if (frame.offset !== undefined) {
-    const last = positions.get(frame.channel);
+    let last = positions.get(frame.channel);
+    // Subscribed before the channel had history (epoch "0"): this is its start.
+    if (last && last.epoch === "0" && last.offset === 0) last = { offset: 0, epoch: frame.epoch };
     if (last && last.epoch === frame.epoch && frame.offset <= last.offset) return; // seen
     if (last && (last.epoch !== frame.epoch || frame.offset > last.offset + 1)) {
       notice(`missed messages on ${frame.channel}: reload its state`);
