@@ -14,13 +14,18 @@ from typing import Annotated
 import msgspec
 
 from publisher.envelope import (
+    MAX_ENVELOPE_BYTES,
     TRACESTATE_MAX_LENGTH,
     is_valid_epoch,
     is_valid_mid,
     is_valid_traceparent,
 )
 
-__all__ = ["Envelope", "MalformedEnvelope", "decode_envelope"]
+__all__ = ["MAX_BYTES", "Envelope", "MalformedEnvelope", "decode_envelope"]
+
+#: The largest envelope the gateway takes by default: the publishers' limit, plus room for
+#: the offset and epoch a history append adds.
+MAX_BYTES = MAX_ENVELOPE_BYTES + 1024
 
 
 class Envelope(msgspec.Struct, frozen=True):
@@ -69,8 +74,14 @@ _decoder = msgspec.json.Decoder(_Wire)
 _position = msgspec.json.Decoder(tuple[Annotated[int, msgspec.Meta(ge=1)], str])
 
 
-def decode_envelope(payload: bytes, channel: str) -> Envelope:
-    """Decode ``payload`` received on ``channel`` (without prefix) or raise MalformedEnvelope."""
+def decode_envelope(payload: bytes, channel: str, max_bytes: int = MAX_BYTES) -> Envelope:
+    """Decode ``payload`` received on ``channel`` (without prefix) or raise MalformedEnvelope.
+
+    Whatever the decoder cannot handle is malformed too: more than ``max_bytes``, JSON
+    nested deeper than the interpreter's recursion limit allows (about 1,000 levels).
+    """
+    if len(payload) > max_bytes:
+        raise MalformedEnvelope("size", f"{len(payload)} bytes, over the {max_bytes}-byte limit")
     try:
         # msgspec does not check the UTF-8 inside a Raw span; clients would close on it (1007).
         payload.decode("utf-8")
@@ -82,6 +93,8 @@ def decode_envelope(payload: bytes, channel: str) -> Envelope:
         raise MalformedEnvelope("schema", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise MalformedEnvelope("json", str(exc)) from None
+    except RecursionError:
+        raise MalformedEnvelope("depth", "JSON nested too deeply") from None
     if wire.v not in (1, 2) or type(wire.v) is bool:
         raise MalformedEnvelope("schema", f"unsupported envelope version {wire.v!r}")
     if wire.channel != channel:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
-from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
+from gateway.envelope import MAX_BYTES, Envelope, MalformedEnvelope, decode_envelope
 from gateway.history import EMPTY_EPOCH, Cursor, Page, ReadLimit, Recovery, Verdict, recover
 from gateway.protocol import Outbound, message
 from gateway.session import Session
@@ -180,8 +180,10 @@ class Hub:
         window: float = 0.0,
         max_batch_bytes: int = 65536,
         read_limit: ReadLimit = _READ_LIMIT,
+        max_envelope_bytes: int = MAX_BYTES,
     ) -> None:
         self.stats = stats
+        self.max_envelope_bytes = max_envelope_bytes
         self.read_limit = read_limit
         self._reads = asyncio.Semaphore(_READS_AT_ONCE)
         self.telemetry = telemetry
@@ -220,7 +222,7 @@ class Hub:
 
     def _decode(self, channel: str, payload: bytes) -> Envelope | None:
         try:
-            return decode_envelope(payload, channel)
+            return decode_envelope(payload, channel, self.max_envelope_bytes)
         except MalformedEnvelope as exc:
             self.stats.malformed[exc.reason] += 1
             self._log_malformed(channel, exc)

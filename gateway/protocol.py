@@ -139,6 +139,8 @@ def parse_request(text: str) -> Request:
         raise RequestError(ErrorCode.BAD_REQUEST, str(exc), request_id) from None
     except msgspec.DecodeError as exc:
         raise RequestError(ErrorCode.BAD_REQUEST, f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(ErrorCode.BAD_REQUEST, "JSON nested too deeply") from None
     if not isinstance(request, Ping) and not is_valid_channel(request.channel):
         raise RequestError(ErrorCode.BAD_REQUEST, _bad_channel(request.channel), request.id)
     if isinstance(request, Subscribe) and request.since and not is_valid_epoch(request.since.epoch):

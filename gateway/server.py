@@ -88,6 +88,7 @@ class Gateway:
             window=settings.coalesce_window,
             max_batch_bytes=settings.write_limit,
             read_limit=ReadLimit(settings.replay_max_messages, settings.replay_max_bytes),
+            max_envelope_bytes=settings.max_envelope_bytes,
         )
         self.auth = _authenticator(settings)
         self.limits = Limits(
@@ -233,7 +234,8 @@ class Gateway:
             except ValueError as exc:
                 return self._refuse(connection, http.HTTPStatus.BAD_REQUEST, f"channels: {exc}")
         authorization = request.headers.get_all("Authorization")
-        if len(authorization) > 1 or len(query.get("token", ())) > 1:
+        if len(authorization) + len(query.get("token", ())) > 1:
+            # Which one should win is anybody's guess: refuse rather than pick.
             return self._refuse(connection, http.HTTPStatus.BAD_REQUEST, "more than one token")
         tokens = query.get("token", [])
         token = tokens[0] if tokens else bearer_token(authorization[0] if authorization else None)
@@ -425,8 +427,12 @@ class Gateway:
             )
         try:
             envelope = build_envelope(request.channel, msgspec.json.decode(request.data))
-        except EnvelopeError as exc:
-            raise RequestError(ErrorCode.BAD_REQUEST, str(exc), request.id) from None
+        except (EnvelopeError, msgspec.DecodeError) as exc:  # numbers it cannot hold too
+            raise RequestError(ErrorCode.BAD_REQUEST, f"data: {exc}", request.id) from None
+        except RecursionError:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, "data nested too deeply", request.id
+            ) from None
         try:
             await self.hub.backplane.publish(request.channel, envelope)
         except BackplaneUnavailable as exc:

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.envelope import MAX_BYTES
 from publisher.history import HistoryPolicy
 
 __all__ = ["ENV_PREFIX", "Settings", "SlowConsumerPolicy"]
@@ -76,6 +77,12 @@ class Settings(BaseSettings):
     ping_timeout: Seconds = Field(20.0, description="seconds to wait for a pong before closing")
     max_message_size: int = Field(
         65536, ge=64, le=16 * 1024 * 1024, description="largest inbound frame, bytes (close 1009)"
+    )
+    max_envelope_bytes: int = Field(
+        MAX_BYTES,
+        ge=1024,
+        description="largest envelope taken from the backplane, bytes; larger ones are "
+        "counted malformed (size) and dropped",
     )
     write_limit: int = Field(
         32768,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import GatewayProcess, RedisClusterServers, RedisServer
 
 
 @pytest.fixture
@@ -14,6 +14,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A real six-node Redis Cluster (three primaries, a replica each)."""
+    servers = RedisClusterServers(tmp_path / "cluster").start()
+    yield servers
+    servers.stop()
 
 
 @pytest.fixture

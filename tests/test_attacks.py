@@ -32,7 +32,7 @@ def siege(
     gateway: GatewayProcess,
     name: str,
     *,
-    redis: RedisServer | None = None,
+    redis_url: str | None = None,
     seconds: float = ATTACK_SECONDS,
     during: Any = None,
     **options: float | str | bool,
@@ -41,7 +41,7 @@ def siege(
     attack's report, the canary's and the gateway's memory and descriptor samples.
     ``during`` is called once half-way through the attack."""
     assert gateway.process is not None
-    watcher = canary(gateway.ws_url, redis_url=redis.url if redis is not None else None)
+    watcher = canary(gateway.ws_url, redis_url=redis_url)
     try:
         time.sleep(1.0)  # the canary's first messages and pings, before any attack
         with Sampler(gateway.process.pid) as sampler:
@@ -123,7 +123,7 @@ def test_silent_sockets_cannot_take_the_descriptors_redis_needs(
         readiness.extend(gateway.http_status("/readyz") for _ in range(5))
 
     report, observed, sampler = siege(
-        gateway, "silent", redis=redis_server, sockets=3000, during=probe
+        gateway, "silent", redis_url=redis_server.url, sockets=3000, during=probe
     )
     assert report["opened"] > 3000, report
     assert readiness == [200] * 5
@@ -183,7 +183,7 @@ def test_a_resume_storm_beyond_the_replay_limit_starts_from_the_top(
     joined into one buffer per client (2.5 GB). 60 MB is beyond GATEWAY_REPLAY_MAX_BYTES:
     each gets recovered: false at once, and no read brings more than the limit."""
     gateway = storm_gateway(gateway_factory, storm_history)
-    report, observed, sampler = siege(gateway, "resume", redis=storm_history, clients=40)
+    report, observed, sampler = siege(gateway, "resume", redis_url=storm_history.url, clients=40)
     assert report["recovered:false"] == 40, report
     assert report.get("recovered:true", 0) == 0, report
     assert sampler.growth_mib() < 32, sampler.samples[-5:]
@@ -200,7 +200,7 @@ def test_a_resume_storm_within_the_limit_is_paged_through_shared_messages(
         gateway_factory, storm_history, GATEWAY_REPLAY_MAX_BYTES=str(32 * 1024 * 1024)
     )
     report, observed, sampler = siege(
-        gateway, "resume", redis=storm_history, clients=40, behind=400, seconds=15
+        gateway, "resume", redis_url=storm_history.url, clients=40, behind=400, seconds=15
     )
     assert report["recovered:true"] == 40, report
     assert report["bytes_received"] > 40 * 400 * 60 * 1024, report
@@ -220,11 +220,46 @@ def test_resumers_that_do_not_read_hold_shared_messages_until_cut_off(
         GATEWAY_STALL_TIMEOUT="3",
     )
     report, observed, sampler = siege(
-        gateway, "resume", redis=storm_history, clients=20, behind=400, no_read=True
+        gateway, "resume", redis_url=storm_history.url, clients=20, behind=400, no_read=True
     )
     assert report["connected"] == 20, report
     assert sampler.growth_mib() < 100, sampler.samples[-5:]
     assert gateway.metric(
         "wsgateway_connections_closed_total", websocket_close_code="1013", reason="slow_consumer"
     ) == 20
+    assert_canary_unharmed(observed)
+
+
+@pytest.mark.parametrize("backplane", ["memory", "redis", "cluster"])
+def test_channel_names_leave_nothing_behind(
+    backplane: str, request: pytest.FixtureRequest, gateway_factory: GatewayFactory
+) -> None:
+    """A connection subscribes to and unsubscribes from tens of thousands of channel names
+    never used before (history channels, so each is read too): before, the Redis backplane
+    kept ~0.9 KB per name for good. Now nothing of a name outlives its last subscriber, on
+    any backplane, and no read leaves a key in Redis."""
+    env = {
+        "GATEWAY_RATE_LIMIT": "100000",
+        "GATEWAY_HISTORY_CHANNELS": "names.*",
+        "GATEWAY_ANONYMOUS_PUBLISH": "canary",
+        "GATEWAY_LOG_LEVEL": "info",
+    }
+    redis_url = None
+    if backplane == "redis":
+        redis_url = request.getfixturevalue("redis_server").url
+    elif backplane == "cluster":
+        redis_url = request.getfixturevalue("cluster").url
+    if redis_url is not None:
+        env["GATEWAY_REDIS_URL"] = redis_url
+    gateway = gateway_factory(env)
+    report, observed, sampler = siege(gateway, "channels", redis_url=redis_url, clients=1)
+    assert report["names"] > 10_000, report
+    assert report["errors"] == 0, report
+    assert gateway.metric("wsgateway_backplane_channels") == 0  # the canary has gone too
+    assert sampler.samples[-1][1] - sampler.first_kib < 5 * 1024, sampler.samples[-5:]
+    if backplane == "redis":
+        assert request.getfixturevalue("redis_server").command("DBSIZE") == 0
+    elif backplane == "cluster":
+        cluster = request.getfixturevalue("cluster")
+        assert all(node.command("DBSIZE") == 0 for node in cluster.primaries())
     assert_canary_unharmed(observed)

@@ -91,6 +91,12 @@ async def test_publish_is_refused_where_not_allowed(memory_gateway: GatewayProce
         ('{"op":"ping","id":"x"}', "bad_request", None),
         ("[]", "bad_request", None),
         ("", "bad_request", None),
+        # What the decoders cannot handle is a bad request too, not a 1011.
+        ('{"op":"ping","pad":' + "[" * 5000 + "]" * 5000 + "}", "bad_request", None),
+        ('{"op":"publish","channel":"chat","id":6,"data":' + "[" * 400 + "]" * 400 + "}",
+         "bad_request", 6),
+        ('{"op":"publish","channel":"chat","id":7,"data":' + "9" * 5000 + "}", "bad_request", 7),
+        ('{"op":"publish","channel":"chat","id":8,"data":1e999}', "bad_request", 8),
     ],
 )
 async def test_bad_requests_get_an_error_and_the_connection_stays_open(

@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from redis.crc import key_slot
 
 from publisher import Publisher
@@ -33,13 +30,6 @@ FAST = {
     "GATEWAY_PROBE_INTERVAL": "1",  # how often the slot map is re-read anyway
     "GATEWAY_HISTORY_CHANNELS": "h.*",
 }
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(tmp_path / "cluster").start()
-    yield servers
-    servers.stop()
 
 
 def channels_on_every_primary(cluster: RedisClusterServers, prefix: str) -> dict[int, str]:

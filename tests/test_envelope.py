@@ -11,7 +11,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from gateway.envelope import MalformedEnvelope, decode_envelope
+from gateway.envelope import MAX_BYTES, MalformedEnvelope, decode_envelope
 from publisher.envelope import EnvelopeError, build_envelope, parse_envelope
 from publisher.schema import envelope_schema
 
@@ -89,6 +89,12 @@ GOOD = {"v": 1, "channel": "news", "data": {"a": 1}, "mid": "m", "ts": 5}
         (json.dumps({**GOOD, "mid": "m\n"}).encode(), "schema"),
         (json.dumps({**GOOD, "traceparent": "00-xyz"}).encode(), "schema"),
         (json.dumps({**GOOD, "channel": "sports"}).encode(), "channel"),
+        # What the decoder cannot handle.
+        (json.dumps({**GOOD, "data": "x" * MAX_BYTES}).encode(), "size"),
+        (b'{"v":1,"channel":"news","data":' + b"[" * 3000 + b"]" * 3000 + b',"mid":"m","ts":5}',
+         "depth"),
+        (b'{"v":1,"channel":"news","data":' + b'{"a":' * 3000 + b"1" + b"}" * 3000
+         + b',"mid":"m","ts":5}', "depth"),
     ],
 )
 def test_decode_refuses_malformed(payload: bytes, reason: str) -> None:

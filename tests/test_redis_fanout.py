@@ -132,6 +132,9 @@ async def test_malformed_envelopes_are_counted_dropped_and_survived(
             envelope("sports", 1),  # names another channel than it arrived on
             b'{"v":1,"channel":"news","data":"\xc3","mid":"m","ts":1}',
             b"x" * 100_000,
+            # What the decoder cannot handle: nesting too deep, a size over the limit.
+            b'{"v":1,"channel":"news","data":' + b"[" * 5000 + b"]" * 5000 + b',"mid":"m","ts":1}',
+            envelope("news", "x" * (2 * 1024 * 1024)),
         ]
         for payload in garbage:
             redis_server.publish("ws:news", payload)
@@ -139,7 +142,22 @@ async def test_malformed_envelopes_are_counted_dropped_and_survived(
         assert (await recv_json(ws))["data"] == "after the garbage"
         await expect_silence(ws)
     assert one.running
-    assert "malformed envelope" in one.logs()
+    counted = {
+        reason: one.metric("wsgateway_messages_malformed_total", reason=reason)
+        for reason in ("json", "encoding", "schema", "channel", "depth", "size")
+    }
+    assert counted == {
+        "json": 3,
+        "encoding": 2,
+        "schema": 4,
+        "channel": 1,
+        "depth": 1,
+        "size": 1,
+    }
+    logs = one.logs()
+    assert "Traceback" not in logs
+    # One line a second at most, whatever the flood: 12 arrived within about a second.
+    assert 1 <= logs.count("malformed envelope") <= 3
 
 
 async def test_messages_arrive_in_publish_order(

@@ -233,6 +233,8 @@ async def test_two_tokens_are_a_bad_request(hs_gateway: GatewayProcess) -> None:
     for url, headers in (
         (f"{hs_gateway.ws_url}?token={token()}&token={token()}", None),
         (hs_gateway.ws_url, [("Authorization", f"Bearer {token()}")] * 2),
+        # One in the query string and one in the header: neither wins.
+        (f"{hs_gateway.ws_url}?token={token()}", [("Authorization", f"Bearer {token()}")]),
     ):
         status, body = await refused(url, additional_headers=headers)
         assert (status, body) == (400, "more than one token\n")

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import collections
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.history import Page, ReadLimit
+from gateway.throttle import Throttle
 from publisher.history import HistoryPolicy
 
-__all__ = ["Backplane", "BackplaneUnavailable", "ChannelNames", "OnMessage", "RedisOptions"]
+__all__ = [
+    "Backplane",
+    "BackplaneUnavailable",
+    "ChannelNames",
+    "Confirmations",
+    "OnMessage",
+    "RedisOptions",
+]
+
+log = logging.getLogger("gateway.backplane")
 
 #: Called with (channel without prefix, envelope bytes) for every message received. It must
 #: not block: the backplane's reader goes straight back to reading when it returns.
@@ -48,6 +61,56 @@ class ChannelNames:
         return key[len(self._prefix) :].decode("utf-8", "replace")
 
 
+class Confirmations:
+    """Who waits for Redis to confirm a (S)SUBSCRIBE of each channel, in the order asked.
+
+    Redis confirms a channel's subscriptions in the order they were sent, so the first
+    waiter of a channel is the one a confirmation answers. A channel has an entry only while
+    someone waits for it: a replica that subscribes once to each of a million channel names
+    keeps nothing for them once confirmed.
+    """
+
+    __slots__ = ("_waiting",)
+
+    def __init__(self) -> None:
+        self._waiting: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def expect(self, key: bytes) -> asyncio.Future[None]:
+        """A future set when Redis confirms ``key``'s subscription."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, collections.deque()).append(waiter)
+        return waiter
+
+    def confirm(self, key: bytes) -> None:
+        waiters = self._waiting.get(key)
+        if waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if not waiters:
+            self._waiting.pop(key, None)
+
+    def forget(self, key: bytes, waiter: asyncio.Future[None]) -> None:
+        """``waiter`` no longer waits (confirmed, timed out or failed)."""
+        waiters = self._waiting.get(key)
+        if waiters is not None:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                del self._waiting[key]
+
+    def fail(self, exc: Exception) -> None:
+        """The connection is gone: every waiter gets ``exc``."""
+        for waiters in self._waiting.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+        self._waiting.clear()
+
+
 class BackplaneUnavailable(Exception):
     """The backplane is down or did not answer in time; the request can be retried later."""
 
@@ -67,6 +130,20 @@ class Backplane(abc.ABC):
         self.on_message = on_message
         #: Which channels keep history: publish() numbers and stores their messages.
         self.history_policy = history or HistoryPolicy()
+        self._failures = Throttle()
+
+    def deliver(self, channel: str, payload: bytes) -> None:
+        """Hand a received message to ``on_message``; a failure there (a bug: bad input is
+        handled inside) is logged at most once a second and never stops the reader."""
+        try:
+            self.on_message(channel, payload)
+        except Exception:
+            if self._failures.ready():
+                log.exception(
+                    "fan-out failed for channel %s; %d more failures since the last line",
+                    channel,
+                    self._failures.take_suppressed(),
+                )
 
     @property
     @abc.abstractmethod

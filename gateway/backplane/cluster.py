@@ -39,6 +39,7 @@ from gateway.backplane.base import (
     Backplane,
     BackplaneUnavailable,
     ChannelNames,
+    Confirmations,
     OnMessage,
     RedisOptions,
 )
@@ -64,7 +65,7 @@ class _Node:
         self.redis = Redis(host=address[0], port=address[1], retry=Retry(NoBackoff(), 0), **options)
         self.pubsub: PubSub | None = None
         self.channels: set[str] = set()  # subscribed here (confirmed or asked)
-        self.waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        self.confirmations = Confirmations()
         self.reader: asyncio.Task[None] | None = None
         self.connected = False
         # A sharded channel in one of this node's slots that only this replica uses: a
@@ -95,19 +96,14 @@ class _Node:
 
     async def _ssubscribe(self, keys: list[bytes], timeout: float) -> None:
         assert self.pubsub is not None
-        loop = asyncio.get_running_loop()
-        waiters = [loop.create_future() for _ in keys]
-        for key, waiter in zip(keys, waiters, strict=True):
-            self.waiters.setdefault(key, collections.deque()).append(waiter)
+        waiters = [self.confirmations.expect(key) for key in keys]
         try:
             await self.pubsub.ssubscribe(*keys)
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*waiters)
         finally:
             for key, waiter in zip(keys, waiters, strict=True):
-                queue = self.waiters.get(key)
-                if queue is not None and waiter in queue:
-                    queue.remove(waiter)
+                self.confirmations.forget(key, waiter)
 
     async def unsubscribe(self, channels: list[str]) -> None:
         self.channels.difference_update(channels)
@@ -175,16 +171,9 @@ class _Node:
         elif kind == "smessage":
             name = self.backplane.names.channel(key)
             if name is not None:
-                try:
-                    self.backplane.on_message(name, message["data"])
-                except Exception:  # a bug in fan-out must not stop the reader
-                    log.exception("fan-out failed for channel %s", name)
+                self.backplane.deliver(name, message["data"])
         elif kind == "ssubscribe":
-            queue = self.waiters.get(key)
-            if queue:
-                waiter = queue.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
+            self.confirmations.confirm(key)
         elif kind == "sunsubscribe":
             name = self.backplane.names.channel(key)
             if name is not None and name in self.channels:
@@ -194,11 +183,7 @@ class _Node:
                 self.backplane.changed.set()
 
     def _fail_waiters(self, exc: Exception) -> None:
-        for queue in self.waiters.values():
-            for waiter in queue:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-        self.waiters.clear()
+        self.confirmations.fail(exc)
 
     async def close(self) -> None:
         self.connected = False

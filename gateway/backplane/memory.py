@@ -67,7 +67,7 @@ class MemoryBackplane(Backplane):
                 stream.entries.popleft()
         if channel not in self._channels:
             return 0
-        self.on_message(channel, envelope)
+        self.deliver(channel, envelope)
         return 1
 
     def _forget_silent(self, now: float) -> None:

@@ -16,7 +16,6 @@ connection is replaced.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
@@ -35,6 +34,7 @@ from gateway.backplane.base import (
     Backplane,
     BackplaneUnavailable,
     ChannelNames,
+    Confirmations,
     OnMessage,
     RedisOptions,
 )
@@ -100,7 +100,7 @@ class RedisBackplane(Backplane):
         self._probe_seen = 0
         self._probe_arrived = asyncio.Event()
         self._wanted: set[str] = set()
-        self._waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        self._confirmations = Confirmations()
         self._pubsub: PubSub | None = None
         self._connected = False
         self._lock = asyncio.Lock()  # keeps SUBSCRIBE/UNSUBSCRIBE in the order they were asked
@@ -140,10 +140,10 @@ class RedisBackplane(Backplane):
             raise BackplaneUnavailable("backplane is reconnecting to Redis")
         key = self.names.key(channel)
         self._wanted.add(channel)
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[None] | None = None
         try:
             async with self._lock:
-                self._waiters.setdefault(key, collections.deque()).append(waiter)
+                waiter = self._confirmations.expect(key)
                 await self._pubsub.subscribe(key)
             async with asyncio.timeout(self.options.subscribe_timeout):
                 await waiter
@@ -152,9 +152,8 @@ class RedisBackplane(Backplane):
             await self.unsubscribe(channel)  # in case the SUBSCRIBE lands after all
             raise BackplaneUnavailable(f"Redis did not confirm the subscription: {exc}") from None
         finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
+            if waiter is not None:
+                self._confirmations.forget(key, waiter)
 
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
@@ -277,26 +276,15 @@ class RedisBackplane(Backplane):
                     self._probe_seen = max(self._probe_seen, int(message["data"]))
                 self._probe_arrived.set()
             elif (name := self.names.channel(channel)) is not None:
-                try:
-                    self.on_message(name, message["data"])
-                except Exception:  # a bug in fan-out must not stop the reader
-                    log.exception("fan-out failed for channel %s", name)
+                self.deliver(name, message["data"])
         elif kind == "subscribe":
-            waiters = self._waiters.get(message["channel"])
-            if waiters:
-                waiter = waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._confirmations.confirm(message["channel"])
 
     async def _drop_connection(self, exc: BaseException | None) -> None:
         if self._connected and self._down_since is None:
             self._down_since = time.monotonic()
         self._connected = False
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(BackplaneUnavailable(f"lost Redis: {exc}"))
-        self._waiters.clear()
+        self._confirmations.fail(BackplaneUnavailable(f"lost Redis: {exc}"))
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(*_LOST):
