@@ -15,6 +15,8 @@ Attacks:
 * ``channels``: connections that subscribe to and unsubscribe from fresh channel names, over
   and over;
 * ``churn``: connections that open, subscribe to fresh channel names and leave, over and over;
+* ``publish``: a publisher flooding a channel through Redis (``--deep``: with envelopes
+  nested too deeply to decode), with subscribers of it on the gateway;
 * ``resume``: clients that subscribe to a history channel with ``since`` (offset 0, or
   ``--behind`` messages behind its top) all at once, reading their replay or (``--no-read``)
   never reading it.
@@ -308,10 +310,59 @@ async def resume(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) 
         writer.close()
 
 
+async def publish(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """A publisher flooding Redis channel ``--channel`` as fast as Redis takes it, with
+    ``--clients`` subscribers of it on the gateway reading everything (so the replica does
+    receive the flood); ``--deep`` publishes envelopes nested too deeply instead."""
+    import redis.asyncio as aioredis
+
+    from tests.harness import envelope
+
+    subscribers = []
+    for _ in range(args.clients):
+        opened = await open_websocket(f"{args.url}?channels={args.channel}")
+        assert opened is not None
+        subscribers.append(opened)
+
+    async def drain(reader: asyncio.StreamReader) -> None:
+        while data := await reader.read(1 << 20):
+            counts["bytes_received"] += len(data)
+
+    readers = [asyncio.create_task(drain(reader)) for reader, _ in subscribers]
+    if args.deep:
+        payload = (
+            b'{"v":1,"channel":"%s","data":' % args.channel.encode()
+            + b"[" * 2000
+            + b"]" * 2000
+            + b',"mid":"m","ts":1}'
+        )
+    else:
+        payload = envelope(args.channel, {"pad": "x" * args.size})
+    client = aioredis.Redis.from_url(args.redis)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        while not stop.is_set():
+            async with client.pipeline(transaction=False) as pipe:
+                for _ in range(100):
+                    pipe.publish(f"ws:{args.channel}", payload)
+                await pipe.execute()
+            counts["published"] += 100
+            if args.rate:  # pace to --rate messages a second
+                ahead = started + counts["published"] / args.rate - loop.time()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+    finally:
+        await client.aclose()
+        for task in readers:
+            task.cancel()
+
+
 ATTACKS = {
     "headers": headers,
     "silent": silent,
     "pings": pings,
+    "publish": publish,
     "fragments": fragments,
     "channels": channels,
     "churn": churn,
@@ -345,7 +396,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=0.05, help="headers: between lines")
     parser.add_argument("--clients", type=int, default=10, help="pings, fragments, churn, resume")
     parser.add_argument("--per-connection", type=int, default=20, help="churn")
-    parser.add_argument("--channel", default="h.storm", help="resume")
+    parser.add_argument("--channel", default="h.storm", help="resume, publish")
+    parser.add_argument("--redis", help="publish: the Redis URL to publish through")
+    parser.add_argument("--size", type=int, default=100, help="publish: bytes of padding")
+    parser.add_argument("--deep", action="store_true", help="publish: malformed, too deep")
+    parser.add_argument("--rate", type=float, default=0, help="publish: a second (0: no limit)")
     parser.add_argument("--no-read", action="store_true", help="resume")
     parser.add_argument(
         "--behind", type=int, default=0, help="resume: this many messages behind (0: offset 0)"

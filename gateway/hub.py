@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gateway.backlog import Backlog
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
 from gateway.envelope import MAX_BYTES, Envelope, MalformedEnvelope, decode_envelope
@@ -50,6 +51,8 @@ _FILL_ATTEMPTS = 5
 #: History reads in flight at once: each may bring a whole ReadLimit of envelopes, so the
 #: memory a burst of reads on many channels takes is bounded by this many of them.
 _READS_AT_ONCE = 4
+#: Seconds the backlog is fanned out for before the loop's other callbacks get their turn.
+_FAN_OUT_SLICE = 0.002
 #: The default read limit (the settings' defaults).
 _READ_LIMIT = ReadLimit(1000, 4 * 1024 * 1024)
 
@@ -181,8 +184,12 @@ class Hub:
         max_batch_bytes: int = 65536,
         read_limit: ReadLimit = _READ_LIMIT,
         max_envelope_bytes: int = MAX_BYTES,
+        backlog: Backlog | None = None,
     ) -> None:
         self.stats = stats
+        self._backlog = backlog if backlog is not None else Backlog(1000, 16 * 1024 * 1024)
+        self._drain: asyncio.Handle | None = None
+        self._shed_log = Throttle()
         self.max_envelope_bytes = max_envelope_bytes
         self.read_limit = read_limit
         self._reads = asyncio.Semaphore(_READS_AT_ONCE)
@@ -204,9 +211,45 @@ class Hub:
         return len(local.members) if local is not None else 0
 
     def dispatch(self, channel: str, payload: bytes) -> None:
-        """Queue one envelope for the local subscribers of ``channel``. Never blocks."""
-        stats = self.stats
-        stats.messages_received += 1
+        """Queue one envelope for the local subscribers of ``channel``. Never blocks.
+
+        It waits in the backlog until the next loop iteration, when it is fanned out with
+        every other channel's, in turns (see :mod:`gateway.backlog`).
+        """
+        self.stats.messages_received += 1
+        local = self._channels.get(channel)
+        if local is None or not local.active:
+            return
+        backlog = self._backlog
+        dropped = backlog.dropped
+        backlog.push(channel, payload)
+        if backlog.dropped != dropped:
+            self.stats.shed += backlog.dropped - dropped
+            self._log_shed()
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().call_soon(self._fan_out_backlog)
+
+    def _fan_out_backlog(self) -> None:
+        """Fan out what the backlog holds, channel after channel, for a slice of time at
+        most: then the clients get their turn, and the backplane's reader."""
+        self._drain = None
+        backlog = self._backlog
+        deadline = time.perf_counter() + _FAN_OUT_SLICE
+        while backlog:
+            channel, payload = backlog.pop()
+            self._process(channel, payload)
+            if time.perf_counter() >= deadline:
+                break
+        if backlog:
+            self._drain = asyncio.get_running_loop().call_soon(self._fan_out_backlog)
+
+    def _catch_up(self, local: _Channel) -> None:
+        """Fan out, out of turn, what the backlog holds for ``local``: it arrived before
+        whatever happens next on the channel."""
+        for payload in self._backlog.take(local.name):
+            self._process(local.name, payload)
+
+    def _process(self, channel: str, payload: bytes) -> None:
         local = self._channels.get(channel)
         if local is None or not local.active:
             return
@@ -382,6 +425,15 @@ class Hub:
                 del local.catching[session]
                 local.members[session] = None
 
+    def _log_shed(self) -> None:
+        if self._shed_log.ready():
+            log.warning(
+                "cannot fan out as fast as the backplane delivers: shed the oldest messages "
+                "of the busiest channels (%d so far; backlog %d bytes)",
+                self.stats.shed,
+                self._backlog.bytes,
+            )
+
     def _log_malformed(self, channel: str, exc: MalformedEnvelope) -> None:
         # One line a second at most: a broken publisher must not flood the log.
         if self._malformed_log.ready():
@@ -425,7 +477,9 @@ class Hub:
                 return None  # it left while waiting
             local.joining.discard(session)
         if local.cursor is None:
-            self._write(local)  # what arrived before this subscription is not for it
+            # What arrived before this subscription is not for it.
+            self._catch_up(local)
+            self._write(local)
             local.members[session] = None
             return None
         return await self._join_history(session, local, since)
@@ -433,6 +487,7 @@ class Hub:
     async def _join_history(
         self, session: Session, local: _Channel, since: tuple[int, str] | None
     ) -> Joined | None:
+        self._catch_up(local)
         self._write(local)
         kept: list[Outbound] = []
         local.waiting[session] = kept
@@ -443,7 +498,8 @@ class Hub:
             local.waiting.pop(session, None)
             await self.unsubscribe(session, local.name)
             raise
-        self._write(local)  # what is waiting now is in `kept` too
+        self._catch_up(local)  # what arrived during the read is in `kept` too
+        self._write(local)
         local.waiting.pop(session, None)
         if local.name not in session.channels:
             return None  # it left while reading

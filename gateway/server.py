@@ -30,6 +30,7 @@ from gateway import demo
 from gateway.access import Access
 from gateway.admission import Admission
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
+from gateway.backlog import Backlog
 from gateway.backplane import BackplaneUnavailable, create_backplane
 from gateway.history import ReadLimit
 from gateway.hub import Hub
@@ -89,6 +90,7 @@ class Gateway:
             max_batch_bytes=settings.write_limit,
             read_limit=ReadLimit(settings.replay_max_messages, settings.replay_max_bytes),
             max_envelope_bytes=settings.max_envelope_bytes,
+            backlog=Backlog(settings.backlog_messages, settings.backlog_bytes),
         )
         self.auth = _authenticator(settings)
         self.limits = Limits(

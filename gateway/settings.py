@@ -84,6 +84,18 @@ class Settings(BaseSettings):
         description="largest envelope taken from the backplane, bytes; larger ones are "
         "counted malformed (size) and dropped",
     )
+    backlog_messages: int = Field(
+        1000,
+        ge=1,
+        description="messages from the backplane waiting to be fanned out, per channel; "
+        "beyond, the channel's oldest are shed (a replica that cannot keep up)",
+    )
+    backlog_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="bytes from the backplane waiting to be fanned out, all channels; beyond, "
+        "the oldest messages of the busiest channel are shed",
+    )
     write_limit: int = Field(
         32768,
         ge=1024,

@@ -19,6 +19,7 @@ class Stats:
     #: (close code, reason) -> count; reason is one of client, slow_consumer, drain, error...
     closes: Counter[tuple[int, str]] = field(default_factory=Counter)
     messages_received: int = 0  # envelopes from the backplane for channels with subscribers
+    shed: int = 0  # envelopes dropped unread because fan-out could not keep up (backlog full)
     fanout: int = 0  # messages handed to sessions (written through or queued)
     writes: int = 0  # writes to client transports; one can carry several messages
     #: (policy, reason) -> deliveries dropped: reason "queue_full" (drop-oldest/-newest) or

@@ -166,6 +166,9 @@ class Telemetry:
              "messages received from the backplane"),
             (counter, "messages.malformed", by(lambda: stats.malformed, "reason"), "{message}",
              "malformed envelopes dropped, by reason"),
+            (counter, "messages.shed", one(lambda: stats.shed), "{message}",
+             "messages from the backplane dropped unread because fan-out could not keep up: "
+             "the oldest of the busiest channels"),
             (counter, "history", by(lambda: stats.history, "event"), "{message}",
              "history channel messages, by event: replayed, filled, duplicate, lost, "
              "unnumbered"),

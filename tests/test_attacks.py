@@ -263,3 +263,37 @@ def test_channel_names_leave_nothing_behind(
         cluster = request.getfixturevalue("cluster")
         assert all(node.command("DBSIZE") == 0 for node in cluster.primaries())
     assert_canary_unharmed(observed)
+
+
+@pytest.mark.parametrize(("deep", "rate"), [(False, 0), (True, 20_000)], ids=["valid", "too-deep"])
+def test_a_flood_from_redis_is_shed_on_its_own_channel(
+    redis_server: RedisServer, gateway_factory: GatewayFactory, deep: bool, rate: int
+) -> None:
+    """A publisher floods one channel through Redis as fast as Redis takes it, faster than
+    the replica can fan it out to its 20 subscribers; or with 20,000 envelopes a second
+    (80 MB/s) too deeply nested to decode. Before, Redis disconnected the replica for its
+    output buffer and every channel lost what was published meanwhile, and each envelope
+    it could not decode logged a traceback. Now the reader keeps up by shedding the flood's
+    own oldest messages (counted), and the canary on another channel loses nothing."""
+    gateway = gateway_factory({"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_LOG_LEVEL": "info"})
+    report, observed, sampler = siege(
+        gateway,
+        "publish",
+        redis_url=redis_server.url,
+        clients=20,
+        channel="flood",
+        redis=redis_server.url,
+        deep=deep,
+        rate=rate,
+    )
+    assert report["published"] > 100_000, report
+    assert gateway.metric("wsgateway_backplane_reconnects_total") == 0
+    assert sampler.growth_mib() < 64, sampler.samples[-5:]
+    logs = gateway.logs()
+    assert "Traceback" not in logs
+    assert logs.count('"level": "warning"') <= ATTACK_SECONDS + 5  # one line a second at most
+    if deep:
+        assert gateway.metric("wsgateway_messages_malformed_total", reason="depth") > 100_000
+    else:
+        assert report["bytes_received"] > 0
+    assert_canary_unharmed(observed)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +21,9 @@ __all__ = [
     "ChannelNames",
     "Confirmations",
     "OnMessage",
+    "Probe",
     "RedisOptions",
+    "Turns",
 ]
 
 log = logging.getLogger("gateway.backplane")
@@ -109,6 +113,58 @@ class Confirmations:
                 if not waiter.done():
                     waiter.set_exception(exc)
         self._waiting.clear()
+
+
+class Probe:
+    """What comes back of a connection's probes (a publish to a channel that only this
+    connection subscribes to), and how many other messages it delivered meanwhile."""
+
+    __slots__ = ("_arrived", "received", "seen")
+
+    def __init__(self) -> None:
+        self.seen = 0  # the highest probe number back
+        self.received = 0  # messages of any kind the connection delivered
+        self._arrived = asyncio.Event()
+
+    def arrived(self, data: bytes) -> None:
+        with contextlib.suppress(ValueError):
+            self.seen = max(self.seen, int(data))
+        self._arrived.set()
+
+    async def wait(self, number: int, timeout: float) -> None:
+        """Return once probe ``number`` is back. Raise TimeoutError when for ``timeout``
+        seconds neither it nor any other message came: the connection is silent. One that
+        keeps delivering other messages is behind (a flood queued in Redis ahead of the
+        probe), not silent, and replacing it would lose that flood and every other channel's
+        messages with it: wait on."""
+        while self.seen < number:
+            before = self.received
+            try:
+                async with asyncio.timeout(timeout):
+                    while self.seen < number:
+                        self._arrived.clear()
+                        await self._arrived.wait()
+            except TimeoutError:
+                if self.received == before:
+                    raise
+
+
+class Turns:
+    """A reader's turns on the event loop: ``await turns.take()`` after each message yields
+    once ``seconds`` have passed since the last turn, so a flood from Redis never keeps the
+    clients (and the fan-out of what was read) waiting longer than that. Reading gets most
+    of the time, so the replica keeps up with Redis while it sheds what it cannot fan out."""
+
+    __slots__ = ("_until", "seconds")
+
+    def __init__(self, seconds: float = 0.005) -> None:
+        self.seconds = seconds
+        self._until = time.perf_counter() + seconds
+
+    async def take(self) -> None:
+        if time.perf_counter() >= self._until:
+            await asyncio.sleep(0)
+            self._until = time.perf_counter() + self.seconds
 
 
 class BackplaneUnavailable(Exception):

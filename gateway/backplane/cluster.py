@@ -41,7 +41,9 @@ from gateway.backplane.base import (
     ChannelNames,
     Confirmations,
     OnMessage,
+    Probe,
     RedisOptions,
+    Turns,
 )
 from gateway.backplane.commands import LOST as _LOST
 from gateway.backplane.commands import RedisCommands
@@ -71,8 +73,7 @@ class _Node:
         # A sharded channel in one of this node's slots that only this replica uses: a
         # SPUBLISH to it must come back through this connection (see _probe_loop).
         self.probe_key: bytes | None = None
-        self.probe_seen = 0
-        self.probe_arrived = asyncio.Event()
+        self.probes = Probe()
         self.prober: asyncio.Task[None] | None = None
 
     @property
@@ -113,8 +114,10 @@ class _Node:
 
     async def _read(self) -> None:
         assert self.pubsub is not None
+        turns = Turns()
         try:
             while True:
+                await turns.take()
                 try:
                     message = await self.pubsub.get_message(timeout=None)
                 except ResponseError as exc:  # MOVED for an SSUBSCRIBE: the map is stale
@@ -139,13 +142,11 @@ class _Node:
         assert self.probe_key is not None
         for number in itertools.count(1):
             await asyncio.sleep(backplane.options.probe_interval)
-            self.probe_arrived.clear()
+            timeout = backplane.options.probe_timeout
             try:
-                async with asyncio.timeout(backplane.options.probe_timeout):
+                async with asyncio.timeout(timeout):
                     await backplane.spublish(self.probe_key, str(number).encode())
-                    while self.probe_seen < number:
-                        await self.probe_arrived.wait()
-                        self.probe_arrived.clear()
+                await self.probes.wait(number, timeout)
             except Exception as exc:  # whatever stops the probe, the connection is suspect
                 if not isinstance(exc, (*_LOST, BackplaneUnavailable)):
                     log.exception("probe of Redis node %s failed", self.name)
@@ -164,10 +165,10 @@ class _Node:
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         key: bytes = message["channel"]
+        if kind == "smessage":
+            self.probes.received += 1
         if kind == "smessage" and key == self.probe_key:
-            with contextlib.suppress(ValueError):
-                self.probe_seen = max(self.probe_seen, int(message["data"]))
-            self.probe_arrived.set()
+            self.probes.arrived(message["data"])
         elif kind == "smessage":
             name = self.backplane.names.channel(key)
             if name is not None:

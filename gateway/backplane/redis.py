@@ -36,7 +36,9 @@ from gateway.backplane.base import (
     ChannelNames,
     Confirmations,
     OnMessage,
+    Probe,
     RedisOptions,
+    Turns,
 )
 from gateway.backplane.commands import LOST as _LOST
 from gateway.backplane.commands import RedisCommands
@@ -97,8 +99,7 @@ class RedisBackplane(Backplane):
         # the probes travel through it.
         self._probe = f"{prefix}#probe#{uuid.uuid4().hex}".encode()
         self._probe_numbers = itertools.count(1)
-        self._probe_seen = 0
-        self._probe_arrived = asyncio.Event()
+        self._probes = Probe()
         self._wanted: set[str] = set()
         self._confirmations = Confirmations()
         self._pubsub: PubSub | None = None
@@ -242,39 +243,36 @@ class RedisBackplane(Backplane):
         pubsub = self._pubsub
         assert pubsub is not None
         handle = self._handle
+        turns = Turns()
         while True:
             message = await pubsub.get_message(timeout=None)
             if message is not None:
                 handle(message)
+            await turns.take()
 
     async def _probe_loop(self) -> None:
+        timeout = self.options.probe_timeout
         while True:
             await asyncio.sleep(self.options.probe_interval)
             number = next(self._probe_numbers)
-            self._probe_arrived.clear()
             try:
-                # The PUBLISH is under the deadline too: its connection can be as dead as
-                # the subscriber's, and would otherwise wait for the socket timeout.
-                async with asyncio.timeout(self.options.probe_timeout):
+                # The PUBLISH has a deadline too: its connection can be as dead as the
+                # subscriber's, and would otherwise wait for the socket timeout.
+                async with asyncio.timeout(timeout):
                     receivers = await self._redis.publish(self._probe, str(number))
-                    if receivers == 0:
-                        raise SilentConnection("Redis no longer knows our subscription")
-                    while self._probe_seen < number:
-                        await self._probe_arrived.wait()
-                        self._probe_arrived.clear()
+                if receivers == 0:
+                    raise SilentConnection("Redis no longer knows our subscription")
+                await self._probes.wait(number, timeout)
             except TimeoutError:
-                raise SilentConnection(
-                    f"probe not delivered within {self.options.probe_timeout}s"
-                ) from None
+                raise SilentConnection(f"probe not delivered within {timeout}s") from None
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "message":
             channel: bytes = message["channel"]
+            self._probes.received += 1
             if channel == self._probe:
-                with contextlib.suppress(ValueError):
-                    self._probe_seen = max(self._probe_seen, int(message["data"]))
-                self._probe_arrived.set()
+                self._probes.arrived(message["data"])
             elif (name := self.names.channel(channel)) is not None:
                 self.deliver(name, message["data"])
         elif kind == "subscribe":
