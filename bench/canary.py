@@ -56,6 +56,8 @@ class Canary:
         self.pongs: dict[int, asyncio.Future[float]] = {}
         self.ws: ClientConnection | None = None
         self.subscribed = asyncio.Event()
+        self.unheard = 0  # published while nobody could hear it (Redis down)
+        self.window_start = 0  # index into rtts of the current report window
 
     async def run(self, stop: asyncio.Event) -> dict[str, Any]:
         tasks = [
@@ -64,6 +66,8 @@ class Canary:
             asyncio.create_task(self.publisher(stop)),
             asyncio.create_task(self.connector(stop)),
         ]
+        if self.args.report_every:
+            tasks.append(asyncio.create_task(self.reporter()))
         await stop.wait()
         await asyncio.sleep(0)  # let the last replies in
         for task in tasks:
@@ -136,11 +140,13 @@ class Canary:
                 await self._publish_loop(lambda data: publisher.publish(args.channel, data))
         else:
 
-            async def publish(data: dict[str, Any]) -> None:
-                if self.ws is not None:
-                    await self.ws.send(
-                        json.dumps({"op": "publish", "channel": args.channel, "data": data})
-                    )
+            async def publish(data: dict[str, Any]) -> int:
+                if self.ws is None:
+                    return 0
+                await self.ws.send(
+                    json.dumps({"op": "publish", "channel": args.channel, "data": data})
+                )
+                return 1
 
             await self._publish_loop(publish)
 
@@ -148,9 +154,14 @@ class Canary:
         for number in range(1, 1 << 62):
             self.published[number] = time.monotonic()
             try:
-                await publish({"n": number, "t": time.time()})
+                receivers = await publish({"n": number, "t": time.time()})
             except Exception:
-                del self.published[number]  # never published: not a loss of the gateway's
+                receivers = 0
+            if receivers == 0:
+                # Redis was down, or no replica was subscribed (reconnecting): pub/sub is
+                # at-most-once, so this was never the gateway's to deliver.
+                del self.published[number]
+                self.unheard += 1
             await asyncio.sleep(1 / self.args.rate)
 
     async def connector(self, stop: asyncio.Event) -> None:
@@ -167,6 +178,14 @@ class Canary:
             except Exception as exc:
                 self.connect_failures.append(f"{type(exc).__name__}: {exc}"[:200])
 
+    async def reporter(self) -> None:
+        """Every ``--report-every`` seconds, one line: the round trips of that window."""
+        while True:
+            await asyncio.sleep(self.args.report_every)
+            window, self.window_start = self.rtts[self.window_start :], len(self.rtts)
+            line = {"window": time.time(), "rtt_ms": percentiles(window)}
+            print(json.dumps(line), flush=True)
+
     def report(self) -> dict[str, Any]:
         cutoff = time.monotonic() - GRACE
         expected = [n for n, at in self.published.items() if at < cutoff]
@@ -176,6 +195,7 @@ class Canary:
             "received": sum(1 for n in expected if n in self.received),
             "lost": len(lost),
             "lost_sample": lost[:20],
+            "unheard": self.unheard,
             "duplicates": sum(count - 1 for count in self.received.values()),
             "rtt_ms": percentiles(self.rtts),
             "delivery_ms": percentiles(self.latencies),
@@ -205,6 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ping-every", type=float, default=0.1, help="seconds")
     parser.add_argument("--connect-every", type=float, default=1.0, help="seconds")
     parser.add_argument("--duration", type=float, default=3600.0, help="seconds")
+    parser.add_argument(
+        "--report-every", type=float, default=0, help="seconds between interim lines (0: none)"
+    )
     return parser.parse_args(argv)
 
 

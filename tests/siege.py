@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,27 +22,37 @@ class Program:
     """``python -m <module> ...`` in the background; its last JSON line is its report."""
 
     def __init__(self, module: str, *args: str, ready: str) -> None:
+        # Its errors go to a file: a pipe nobody reads would stop it once full.
+        self._errors = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._errors,
             text=True,
         )
+        self.lines: list[dict[str, Any]] = []
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if line.strip() != ready:
             self.process.kill()
-            _, err = self.process.communicate(timeout=10)
-            raise RuntimeError(f"{module} did not start: {line!r}\n{err[-2000:]}")
+            self.process.communicate(timeout=10)
+            raise RuntimeError(f"{module} did not start: {line!r}\n{self.errors()[-2000:]}")
+
+    def errors(self) -> str:
+        self._errors.seek(0)
+        return self._errors.read()
 
     def stop(self, timeout: float = 30) -> dict[str, Any]:
+        """Stop it; its report (the last JSON line it printed; the others in ``lines``)."""
         if self.process.poll() is None:
             self.process.terminate()
-        out, err = self.process.communicate(timeout=timeout)
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        if not lines:
-            raise RuntimeError(f"no report (exit {self.process.returncode}):\n{err[-3000:]}")
-        report: dict[str, Any] = json.loads(lines[-1])
+        out, _ = self.process.communicate(timeout=timeout)
+        self.lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        if not self.lines:
+            raise RuntimeError(
+                f"no report (exit {self.process.returncode}):\n{self.errors()[-3000:]}"
+            )
+        report: dict[str, Any] = self.lines[-1]
         return report
 
     def kill(self) -> None:
