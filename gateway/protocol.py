@@ -41,7 +41,7 @@ class Close(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # drain, shutdown
     BINARY_NOT_ACCEPTED = 1003
-    POLICY_VIOLATION = 1008  # rate limit, auth revoked
+    POLICY_VIOLATION = 1008  # over the rate limit (every frame counts)
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     SLOW_CONSUMER = 1013  # try again later

@@ -61,6 +61,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 #: Inbound data is handed to the protocol this much at a time, so a flood of tiny frames in
 #: one read costs at most this much parsing (and as many pongs) after its sender is closed.
 _FEED = 4096
+#: Bytes one flush writes before the loop's other callbacks get their turn.
+_FLUSH_BYTES = 256 * 1024
 #: Seconds between closing a flooding client and resetting its connection.
 _FLOOD_GRACE = 1.0
 _PING = struct.Struct("!d")  # a keepalive ping carries the loop time it was sent at
@@ -255,6 +257,7 @@ class Session:
     __slots__ = (
         "_abort_handle",
         "_expiry_handle",
+        "_more",
         "_raw",
         "access",
         "bucket",
@@ -303,6 +306,7 @@ class Session:
         self.ping_sent: float | None = None  # loop time of the ping awaiting its pong
         self._abort_handle: asyncio.TimerHandle | None = None
         self._expiry_handle: asyncio.TimerHandle | None = None
+        self._more: asyncio.Handle | None = None  # the rest of a flush, on the next turn
         if identity.expires_at is not None:  # unix time: the token's exp
             self._expiry_handle = loop.call_later(
                 max(0.0, identity.expires_at - time.time()),
@@ -389,16 +393,33 @@ class Session:
         self.close(Close.SLOW_CONSUMER, "slow consumer")
 
     def flush(self) -> None:
-        """Write queued frames while the transport takes them, a few large writes at a time."""
+        """Write queued frames while the transport takes them, a few large writes at a time.
+
+        At most ``_FLUSH_BYTES`` a call: a client whose kernel buffer takes megabytes (a
+        replay to a fast reader) gets the rest on the loop's next turn, after the others.
+        """
+        if self._more is not None:
+            self._more.cancel()
+            self._more = None
         outbox = self.outbox
         connection = self.connection
+        budget = _FLUSH_BYTES
         while outbox and not connection.paused and self.close_code is None:
             if connection.protocol.state is not State.OPEN:
                 outbox.clear()
                 return
+            if budget <= 0:
+                self._more = connection.loop.call_soon(self.flush)
+                break
             replayed = outbox.replaying
             batch = outbox.pop_batch(connection.write_limit_high)
-            self._write(batch, b"".join([item.frame for item in batch]) if self._raw else b"")
+            if self._raw:
+                frame = b"".join([item.frame for item in batch])
+                budget -= len(frame)
+            else:
+                frame = b""
+                budget -= sum(len(item) for item in batch)
+            self._write(batch, frame)
             if replayed:
                 continue  # old messages: their age is not a delivery latency
             now_ms = time.time() * 1000
@@ -487,10 +508,10 @@ class Session:
 
     def finish(self) -> None:
         """Forget everything once the connection is closed."""
-        for handle in (self._abort_handle, self._expiry_handle):
+        for handle in (self._abort_handle, self._expiry_handle, self._more):
             if handle is not None:
                 handle.cancel()
-        self._abort_handle = self._expiry_handle = None
+        self._abort_handle = self._expiry_handle = self._more = None
         self.direct = None
         if self.outbox is not None:
             self.outbox.clear()

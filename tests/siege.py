@@ -23,7 +23,7 @@ class Program:
 
     def __init__(self, module: str, *args: str, ready: str) -> None:
         # Its errors go to a file: a pipe nobody reads would stop it once full.
-        self._errors = tempfile.TemporaryFile("w+")
+        self._errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as it
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,

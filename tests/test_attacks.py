@@ -11,6 +11,8 @@ latency figures are generous guards, the real ones come from ``python -m bench.s
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,18 @@ def siege(
     finally:
         watcher.kill()
     assert gateway.running, gateway.logs()[-3000:]
+    figures = os.environ.get("WSGATEWAY_ATTACK_FIGURES")
+    if figures:  # for the docs: what each attack did to the replica and the canary
+        with open(figures, "a") as out:
+            line = {
+                "test": os.environ.get("PYTEST_CURRENT_TEST", name).split(" ")[0],
+                "rss_growth_mib": round(sampler.growth_mib(), 1),
+                "peak_fds": sampler.peak_fds,
+                "canary_rtt_ms": observed["rtt_ms"],
+                "canary_connect_ms": observed["connect_ms"],
+                "attack": report,
+            }
+            out.write(json.dumps(line) + "\n")
     return report, observed, sampler
 
 

@@ -140,7 +140,13 @@ async def test_counters_move_by_exactly_the_expected_amounts(
         redis_server.publish("ws:news", envelope("sports", "wrong channel"))
         for ws in (a, b):
             assert [(await recv_json(ws))["data"] for _ in range(3)] == [0, 1, 2]
-        await async_wait_until(lambda: o.metric("wsgateway.messages.received") == 5)
+        # The replica's counters move on its own thread, just after the writes the clients
+        # saw: wait for the last of them, then check every one exactly.
+        await async_wait_until(
+            lambda: o.metric("wsgateway.messages.malformed") == 2
+            and o.metric("wsgateway.delivery.latency") == 3
+        )
+        assert o.metric("wsgateway.messages.received") == 5
         assert o.metric("wsgateway.deliveries") == 6
         assert o.metric("wsgateway.messages.malformed", reason="json") == 1
         assert o.metric("wsgateway.messages.malformed", reason="channel") == 1
