@@ -105,6 +105,26 @@ async def forever(
             await asyncio.sleep(0.05)
 
 
+Use = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def upgraded(
+    args: argparse.Namespace, counts: Counts, stop: asyncio.Event, use: Use, extra: bytes = b""
+) -> None:
+    """``--clients`` upgraded connections at a time, each handed to ``use``, then another."""
+
+    async def one() -> None:
+        opened = await open_websocket(args.url, extra)
+        if opened is None:
+            counts["refused"] += 1
+            await asyncio.sleep(0.1)
+            return
+        counts["opened"] += 1
+        await use(*opened)
+
+    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
+
+
 async def headers(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
     """Upgrade requests that keep sending long header lines and never end."""
     line = b"X-Pad-%d: " + b"a" * args.line_bytes + b"\r\n"
@@ -151,14 +171,7 @@ async def flood(
 ) -> None:
     """Upgraded connections writing ``frames`` as fast as the gateway takes them."""
 
-    async def one() -> None:
-        opened = await open_websocket(args.url)
-        if opened is None:
-            counts["refused"] += 1
-            await asyncio.sleep(0.1)
-            return
-        reader, writer = opened
-        counts["opened"] += 1
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         received = bytearray()
 
         async def read() -> None:
@@ -184,7 +197,7 @@ async def flood(
         code = close_code(bytes(received))
         counts[f"close:{code}"] += 1
 
-    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
+    await upgraded(args, counts, stop, one)
 
 
 async def pings(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
@@ -208,14 +221,7 @@ async def bombs(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -
     counts["bomb_bytes"] = len(bomb)
     offer = b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
 
-    async def one() -> None:
-        opened = await open_websocket(args.url, offer)
-        if opened is None:
-            counts["refused"] += 1
-            await asyncio.sleep(0.1)
-            return
-        reader, writer = opened
-        counts["opened"] += 1
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(bomb)
         received = b""
         while data := await reader.read(65536):
@@ -223,7 +229,7 @@ async def bombs(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -
         counts[f"close:{close_code(received)}"] += 1
         writer.close()
 
-    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
+    await upgraded(args, counts, stop, one, offer)
 
 
 async def churn(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
@@ -231,14 +237,7 @@ async def churn(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -
     names = iter(range(1 << 62))
     prefix = f"churn.{os.getpid()}."
 
-    async def one() -> None:
-        opened = await open_websocket(args.url)
-        if opened is None:
-            counts["refused"] += 1
-            await asyncio.sleep(0.1)
-            return
-        reader, writer = opened
-        counts["opened"] += 1
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in range(args.per_connection):
             request = {"op": "subscribe", "channel": f"{prefix}{next(names)}"}
             writer.write(masked(Opcode.TEXT, json.dumps(request).encode()))
@@ -248,7 +247,7 @@ async def churn(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -
         writer.write(masked(Opcode.CLOSE, (1000).to_bytes(2, "big")))
         writer.close()
 
-    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
+    await upgraded(args, counts, stop, one)
 
 
 async def channels(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
@@ -258,14 +257,7 @@ async def channels(args: argparse.Namespace, counts: Counts, stop: asyncio.Event
     prefix = f"names.{os.getpid()}."
     window = 50  # requests in flight per connection
 
-    async def one() -> None:
-        opened = await open_websocket(args.url)
-        if opened is None:
-            counts["refused"] += 1
-            await asyncio.sleep(0.1)
-            return
-        reader, writer = opened
-        counts["opened"] += 1
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while not stop.is_set():
             batch = []
             for _ in range(window):
@@ -293,7 +285,7 @@ async def channels(args: argparse.Namespace, counts: Counts, stop: asyncio.Event
             counts["names"] += window
         writer.close()
 
-    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
+    await upgraded(args, counts, stop, one)
 
 
 async def resume(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:

@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "GATEWAY_HISTORY_CHANNELS": "h.*",
             "GATEWAY_LOG_LEVEL": "info",
             "GATEWAY_RATE_LIMIT": "50",
+            # The load clients count frames and answer nothing, keepalive pings included:
+            # one ping each, never timed out.
+            "GATEWAY_PING_TIMEOUT": "3600",
         },
     ).start()
     assert gateway.process is not None
@@ -176,6 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "canary": observed,
         "canary_windows": windows,
         "subscribers_received": sum(r.get("frames", 0) for r in received),
+        "subscribers_closed": sum(r.get("closed", 0) for r in received),
         "published": traffic.published,
         "publish_failures": traffic.failed,
         "events": events,
@@ -186,17 +190,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _metrics(gateway: GatewayProcess) -> dict[str, float]:
-    names = [
+    """The gateway's counters at the end, by every label they have."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = (
         "wsgateway_handshakes_refused_total",
         "wsgateway_connections_closed_total",
         "wsgateway_messages_shed_total",
+        "wsgateway_messages_malformed_total",
         "wsgateway_backplane_reconnects_total",
         "wsgateway_history_total",
-    ]
+        "wsgateway_deliveries_dropped_total",
+    )
     try:
-        return {name: gateway.metric(name) for name in names}
-    except (OSError, AssertionError):
+        _, text = gateway.http("/metrics")
+    except OSError:
         return {}
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                found[f"{sample.name}{{{labels}}}"] = sample.value
+    return found
 
 
 def chart(result: dict[str, Any], path: Path) -> None:

@@ -175,16 +175,22 @@ class Outbound:
     """One server-to-client text message, encoded once and shared by every recipient.
 
     ``frame`` is the complete unmasked WebSocket frame: server frames are never masked, so
-    without compression the same bytes serve every subscriber.
+    without compression the same bytes serve every subscriber. The text is not kept beside
+    it (that would hold every message twice): :attr:`text` cuts it out of the frame when a
+    compressed connection needs it.
     """
 
-    __slots__ = ("__weakref__", "frame", "offset", "text", "ts")
+    __slots__ = ("__weakref__", "frame", "offset", "start", "ts")
 
     def __init__(self, text: bytes, ts: int | None = None, offset: int | None = None) -> None:
-        self.text = text
         self.frame = Frame(Opcode.TEXT, text).serialize(mask=False)
+        self.start = len(self.frame) - len(text)  # where the text starts: after the header
         self.ts = ts  # publish time of a message (unix ms); None for replies
         self.offset = offset  # a history channel's message: its offset
+
+    @property
+    def text(self) -> bytes:
+        return self.frame[self.start :]
 
     def __len__(self) -> int:
         return len(self.frame)
