@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from gateway.backlog import Backlog
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
+from gateway.backplane.base import Turns
 from gateway.envelope import MAX_BYTES, Envelope, MalformedEnvelope, decode_envelope
 from gateway.history import EMPTY_EPOCH, Cursor, Page, ReadLimit, Recovery, Verdict, recover
 from gateway.protocol import Outbound, message
@@ -551,16 +552,25 @@ class Hub:
         except Exception as exc:
             read.done.set_exception(exc)
             return
-        read.page = self._decode_page(local, raw)
+        try:
+            read.page = await self._decode_page(local, raw)
+        except Exception as exc:  # a bug: the readers must hear of it, not wait forever
+            read.done.set_exception(exc)
+            raise
         read.done.set_result(None)
 
-    def _decode_page(self, local: _Channel, raw: Page[bytes]) -> Page[Outbound | None]:
+    async def _decode_page(self, local: _Channel, raw: Page[bytes]) -> Page[Outbound | None]:
         """A page's entries as message frames, each decoded and encoded once, and once for
-        every read that brings the same offset while a client still has it to receive."""
+        every read that brings the same offset while a client still has it to receive.
+
+        A page can hold megabytes: the other clients get their turn every few milliseconds.
+        """
         decoded = local.decoded
         assert decoded is not None
+        turns = Turns(_FAN_OUT_SLICE)
         entries: list[tuple[int, Outbound | None]] = []
         for offset, payload in raw.entries:
+            await turns.take()
             key = (raw.epoch, offset)
             item = decoded.get(key)
             if item is None:

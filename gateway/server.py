@@ -63,6 +63,8 @@ log = logging.getLogger("gateway")
 WS_PATH = "/ws"
 #: Received frames a connection may have waiting for its request loop.
 INBOUND_FRAMES = 4
+#: Completed connections waiting to be accepted.
+LISTEN_BACKLOG = 4096
 
 
 class Gateway:
@@ -181,6 +183,11 @@ class Gateway:
             open_timeout=s.open_timeout,
             write_limit=s.write_limit,
             server_header="wsgateway",
+            # Connections the kernel completes before the replica accepts them: with the
+            # default 100, a burst of connections (a reconnect storm, a flood) overflows it
+            # and the SYNs dropped cost the clients a second each. The kernel caps it at
+            # net.core.somaxconn.
+            backlog=LISTEN_BACKLOG,
         )
         self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
 
