@@ -56,6 +56,7 @@ class Canary:
         self.pongs: dict[int, asyncio.Future[float]] = {}
         self.ws: ClientConnection | None = None
         self.subscribed = asyncio.Event()
+        self.announced = False
         self.unheard = 0  # published while nobody could hear it (Redis down)
         self.window_start = 0  # index into rtts of the current report window
 
@@ -105,8 +106,8 @@ class Canary:
         elif op == "subscribed":
             if not self.subscribed.is_set():
                 self.subscribed.set()
-                if not hasattr(self, "_announced"):
-                    self._announced = True
+                if not self.announced:  # the first subscription only, not a resubscription
+                    self.announced = True
                     print("ready", flush=True)
         elif op == "message":
             number = frame["data"]["n"]

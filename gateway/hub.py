@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING
 from gateway.backlog import Backlog
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
-from gateway.backplane.base import Turns
-from gateway.envelope import MAX_BYTES, Envelope, MalformedEnvelope, decode_envelope
+from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
 from gateway.history import EMPTY_EPOCH, Cursor, Page, ReadLimit, Recovery, Verdict, recover
 from gateway.protocol import Outbound, message
 from gateway.session import Session
 from gateway.stats import Stats
 from gateway.throttle import Throttle
+from gateway.turns import Turns
 
 if TYPE_CHECKING:
     from gateway.telemetry import Telemetry
@@ -54,8 +54,6 @@ _FILL_ATTEMPTS = 5
 _READS_AT_ONCE = 4
 #: Seconds the backlog is fanned out for before the loop's other callbacks get their turn.
 _FAN_OUT_SLICE = 0.002
-#: The default read limit (the settings' defaults).
-_READ_LIMIT = ReadLimit(1000, 4 * 1024 * 1024)
 
 log = logging.getLogger("gateway.hub")
 
@@ -183,12 +181,12 @@ class Hub:
         coalesce: bool = True,
         window: float = 0.0,
         max_batch_bytes: int = 65536,
-        read_limit: ReadLimit = _READ_LIMIT,
-        max_envelope_bytes: int = MAX_BYTES,
-        backlog: Backlog | None = None,
+        read_limit: ReadLimit,
+        max_envelope_bytes: int,
+        backlog: Backlog,
     ) -> None:
         self.stats = stats
-        self._backlog = backlog if backlog is not None else Backlog(1000, 16 * 1024 * 1024)
+        self._backlog = backlog
         self._drain: asyncio.Handle | None = None
         self._shed_log = Throttle()
         self.max_envelope_bytes = max_envelope_bytes
@@ -549,14 +547,10 @@ class Hub:
                 if local.next_read is read:
                     local.next_read = None  # who comes now needs a read that starts after it
                 raw = await self.backplane.history(local.name, read.after, self.read_limit)
-        except Exception as exc:
+            read.page = await self._decode_page(local, raw)
+        except Exception as exc:  # the readers hear of it (unavailable, or a bug)
             read.done.set_exception(exc)
             return
-        try:
-            read.page = await self._decode_page(local, raw)
-        except Exception as exc:  # a bug: the readers must hear of it, not wait forever
-            read.done.set_exception(exc)
-            raise
         read.done.set_result(None)
 
     async def _decode_page(self, local: _Channel, raw: Page[bytes]) -> Page[Outbound | None]:

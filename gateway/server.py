@@ -162,7 +162,7 @@ class Gateway:
                 "on_congested": self._congested,
                 "on_latency": self.telemetry.keepalive_rtt.record,
                 "admission": self.admission,
-                "on_refused": self._refused,
+                "on_refused": self._count_refusal,
             },
         )
         self.server = await serve(
@@ -283,7 +283,7 @@ class Gateway:
             ) as span:
                 span.set_status(StatusCode.ERROR, response.reason_phrase)
 
-    def _refused(self, reason: str) -> None:
+    def _count_refusal(self, reason: str) -> None:
         """A socket refused or cut before its handshake ended (see gateway.admission)."""
         self.stats.refused[reason] += 1
         if self._refusals.ready():

@@ -7,7 +7,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +22,6 @@ __all__ = [
     "OnMessage",
     "Probe",
     "RedisOptions",
-    "Turns",
 ]
 
 log = logging.getLogger("gateway.backplane")
@@ -147,24 +145,6 @@ class Probe:
             except TimeoutError:
                 if self.received == before:
                     raise
-
-
-class Turns:
-    """A reader's turns on the event loop: ``await turns.take()`` after each message yields
-    once ``seconds`` have passed since the last turn, so a flood from Redis never keeps the
-    clients (and the fan-out of what was read) waiting longer than that. Reading gets most
-    of the time, so the replica keeps up with Redis while it sheds what it cannot fan out."""
-
-    __slots__ = ("_until", "seconds")
-
-    def __init__(self, seconds: float = 0.005) -> None:
-        self.seconds = seconds
-        self._until = time.perf_counter() + seconds
-
-    async def take(self) -> None:
-        if time.perf_counter() >= self._until:
-            await asyncio.sleep(0)
-            self._until = time.perf_counter() + self.seconds
 
 
 class BackplaneUnavailable(Exception):

@@ -43,11 +43,11 @@ from gateway.backplane.base import (
     OnMessage,
     Probe,
     RedisOptions,
-    Turns,
 )
 from gateway.backplane.commands import LOST as _LOST
 from gateway.backplane.commands import RedisCommands
 from gateway.history import Page, ReadLimit
+from gateway.turns import Turns
 from publisher.cluster import parse_cluster_url
 from publisher.history import HistoryPolicy
 

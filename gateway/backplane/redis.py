@@ -38,11 +38,11 @@ from gateway.backplane.base import (
     OnMessage,
     Probe,
     RedisOptions,
-    Turns,
 )
 from gateway.backplane.commands import LOST as _LOST
 from gateway.backplane.commands import RedisCommands
 from gateway.history import Page, ReadLimit
+from gateway.turns import Turns
 from publisher.history import HistoryPolicy
 
 __all__ = ["RedisBackplane"]
