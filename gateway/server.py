@@ -355,12 +355,18 @@ class Gateway:
         if session.close_code is not None:
             code, reason = session.close_code, _close_reason(session.close_code)
         else:
-            # Closed by the client, by the library (1009 too big) or
-            # by the network (1006).
-            code = connection.close_code if connection.close_code is not None else 1006
-            reason = "client" if code in (1000, 1001) else "error"
-            if code == Close.MESSAGE_TOO_BIG:
-                reason = "limit"
+            # Closed by the library (1009 too big, 1007 not UTF-8, 1002), by the client, or by
+            # the network (1006). The code is the first close frame's: the library's when it
+            # closed first, even if the client never answered (connection.close_code would
+            # say 1006 then).
+            protocol = connection.protocol
+            sent, received = protocol.close_sent, protocol.close_rcvd
+            if sent is not None and not protocol.close_rcvd_then_sent:
+                code = sent.code
+                reason = "limit" if code == Close.MESSAGE_TOO_BIG else "protocol"
+            else:
+                code = received.code if received is not None else 1006
+                reason = "client" if code in (1000, 1001) else "error"
         self.stats.closes[(code, reason)] += 1
         tracer = self.telemetry.tracer
         if tracer is not None:

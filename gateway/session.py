@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import InvalidMessage
 from websockets.frames import Frame
 from websockets.protocol import CONNECTING, OPEN, State
 
@@ -110,6 +111,7 @@ _AT_CAPACITY = _plain_response("503 Service Unavailable", "at capacity\n")
 _HEADERS_TOO_LARGE = _plain_response(
     "431 Request Header Fields Too Large", "request headers too large\n"
 )
+_NOT_HTTP = _plain_response("400 Bad Request", "not a valid HTTP request\n")
 
 
 class SessionConnection(ServerConnection):
@@ -128,6 +130,8 @@ class SessionConnection(ServerConnection):
     on_refused: Callable[[str], object] | None = None
     #: True only on a socket refused at once (set on the instance, so others carry nothing).
     refused = False
+    #: True once a request that is not valid HTTP was answered 400 (set on the instance).
+    answered_not_http = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         admission = self.admission
@@ -196,8 +200,8 @@ class SessionConnection(ServerConnection):
 
     def process_event(self, event: object) -> None:
         session = self.session
-        if session is not None and isinstance(event, Frame) and session.close_code is None:
-            session.count_frame()
+        if session is not None and isinstance(event, Frame):
+            session.count_frame()  # while closing too: a flood then is no answer to our close
         super().process_event(event)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -230,6 +234,18 @@ class SessionConnection(ServerConnection):
             self.transport.resume_reading()
 
     def send_data(self) -> None:
+        protocol = self.protocol
+        if (
+            protocol.state is CONNECTING
+            and isinstance(protocol.handshake_exc, InvalidMessage)
+            and not self.answered_not_http
+        ):
+            # websockets hangs up on a request it cannot parse (a NUL in a header, a broken
+            # request line) without a word: answer it, before the end of stream it queued.
+            self.answered_not_http = True
+            self.transport.write(_NOT_HTTP)
+            if self.on_refused is not None:
+                self.on_refused("malformed")
         # Every change of the protocol's state is followed by a call to send_data: once the
         # connection is no longer OPEN, data frames may no longer be written straight through.
         super().send_data()
@@ -463,14 +479,21 @@ class Session:
     def count_frame(self) -> None:
         """Count one inbound frame (of any kind) against the rate limit. Beyond it: close
         1008, and stop reading, so the rest of a flood costs nothing."""
-        if self.bucket.take(self.connection.loop.time()):
+        if self.bucket.take(self.connection.loop.time()) or self.deaf:
             return
         self.deaf = True
         self.connection.transport.pause_reading()
         # Its answer to the close frame cannot be read any more: a second for the frame to
         # reach it, then the reset.
         grace = min(_FLOOD_GRACE, self.limits.close_timeout)
-        self.close(Close.POLICY_VIOLATION, "rate limit exceeded", abort_after=grace)
+        if self.close_code is None:
+            self.close(Close.POLICY_VIOLATION, "rate limit exceeded", abort_after=grace)
+            return
+        # Closed already (evicted, say) and flooding instead of answering: no longer read
+        # until the close timeout, reset after the same grace.
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+        self._abort_handle = self.connection.loop.call_later(grace, self.abort)
 
     def close(self, code: int, reason: str = "", *, abort_after: float | None = None) -> None:
         """Start the closing handshake without waiting; reset the connection if it stalls.

@@ -157,7 +157,7 @@ class Telemetry:
              "drain, rate_limit, auth, protocol, limit, error)"),
             (counter, "handshakes.refused", by(lambda: stats.refused, "reason"), "{handshake}",
              "sockets and handshakes refused, by reason (capacity, auth, descriptors, "
-             "handshakes, headers)"),
+             "handshakes, headers, malformed)"),
             (up_down, "handshakes.open", one(lambda: admission.handshakes), "{handshake}",
              "sockets still in their opening handshake"),
             (up_down, "sockets.open", one(lambda: admission.sockets), "{socket}",

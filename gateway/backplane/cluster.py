@@ -32,7 +32,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import MovedError, ResponseError
 
 from gateway.backoff import full_jitter
 from gateway.backplane.base import (
@@ -56,6 +56,10 @@ __all__ = ["RedisClusterBackplane"]
 log = logging.getLogger("gateway.backplane")
 
 Address = tuple[str, int]
+
+
+class _Moved(BackplaneUnavailable):
+    """A node answered MOVED: the slot map read last is stale."""
 
 
 class _Node:
@@ -93,7 +97,13 @@ class _Node:
     async def subscribe(self, channels: list[str], timeout: float) -> None:
         """SSUBSCRIBE ``channels`` (one slot) and wait for every confirmation."""
         self.channels.update(channels)
-        await self._ssubscribe([self.backplane.names.key(channel) for channel in channels], timeout)
+        try:
+            await self._ssubscribe(
+                [self.backplane.names.key(channel) for channel in channels], timeout
+            )
+        except BaseException:
+            self.channels.difference_update(channels)  # not here after all
+            raise
 
     async def _ssubscribe(self, keys: list[bytes], timeout: float) -> None:
         assert self.pubsub is not None
@@ -121,8 +131,12 @@ class _Node:
                 try:
                     message = await self.pubsub.get_message(timeout=None)
                 except ResponseError as exc:  # MOVED for an SSUBSCRIBE: the map is stale
-                    log.info("node %s: %s; re-reading the slot map", self.name, exc)
-                    self._fail_waiters(BackplaneUnavailable(str(exc)))
+                    moved = isinstance(exc, MovedError)
+                    log.info(
+                        "node %s answered %s%s; re-reading the slot map",
+                        self.name, "MOVED " if moved else "", exc,
+                    )  # fmt: skip
+                    self._fail_waiters((_Moved if moved else BackplaneUnavailable)(str(exc)))
                     self.backplane.changed.set()
                     continue
                 if message is not None:
@@ -279,7 +293,13 @@ class RedisClusterBackplane(Backplane):
         self._wanted.add(channel)
         try:
             async with self._lock:
-                await self._place([channel])
+                try:
+                    await self._place([channel])
+                except _Moved:
+                    # The slot moved since the map was read: read it again, and place the
+                    # channel where it lives now, instead of failing the client's subscribe.
+                    await self._cluster.nodes_manager.initialize()
+                    await self._place([channel])
         except (*_LOST, BackplaneUnavailable) as exc:
             self._wanted.discard(channel)
             self._owner.pop(channel, None)
