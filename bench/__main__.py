@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.chart import chart
 from bench.fanout import Scenario, bench_redis, report, sweep, table
+from bench.targets import targets
 
 BOTH = ("gateway", "guide")
 FULL = (
@@ -40,61 +40,6 @@ def measure(scenarios: tuple[Scenario, ...], seconds: float, workdir: Path) -> l
         return [row for scenario in scenarios for row in sweep(scenario, redis_server, seconds)]
     finally:
         redis_server.stop()
-
-
-def pick(rows: list[dict[str, Any]], scenario: str, design: str, rate: float) -> dict[str, Any]:
-    [row] = [r for r in rows if (r["scenario"], r["design"], r["rate"]) == (scenario, design, rate)]
-    return row
-
-
-def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each as a measured value against its bound."""
-
-    def cpu(scenario: str, design: str, rate: float) -> float:
-        return float(pick(rows, scenario, design, rate)["cpu_us_per_delivery"])
-
-    def best(design: str) -> float:
-        return max(
-            (r["deliveries_per_second"] for r in rows if r["design"] == design and r["sustained"]),
-            default=0.0,
-        )
-
-    def idle(design: str) -> float:
-        return float(
-            next(r for r in rows if r["scenario"] == "10k" and r["design"] == design)[
-                "rss_kib_per_idle_connection"
-            ]
-        )
-
-    def p99(stalled: bool) -> float:
-        return statistics.median(
-            float(r["latency_p99_ms"])
-            for r in rows
-            if r["scenario"] == "1k-stalled" and r["design"] == "gateway"
-            and bool(r["stalled"]) == stalled
-        )  # fmt: skip
-
-    found = [
-        ("CPU per delivery, 1k subscribers, 20 msg/s, gateway / guide",
-         cpu("1k", "gateway", 20) / cpu("1k", "guide", 20), "<=", 0.35),
-        ("highest sustained deliveries/s (p99 < 250 ms), gateway / guide",
-         best("gateway") / max(best("guide"), 1.0), ">=", 3.0),
-        ("CPU per delivery, 1k subscribers, 200 msg/s, gateway / gateway-1write",
-         cpu("1k", "gateway", 200) / cpu("1k", "gateway-1write", 200), "<=", 0.5),
-        ("RSS per idle connection (KiB), gateway, 10k connections",
-         idle("gateway"), "<=", 10.0),
-        ("others' p99 with 5% stalled clients / without (medians of pairs), gateway",
-         p99(stalled=True) / p99(stalled=False), "<=", 1.10),
-    ]  # fmt: skip
-    return [
-        {
-            "target": name,
-            "measured": round(value, 3),
-            "bound": f"{op} {bound:g}",
-            "met": value <= bound if op == "<=" else value >= bound,
-        }
-        for name, value, op, bound in found
-    ]
 
 
 def markdown(result: dict[str, Any]) -> str:

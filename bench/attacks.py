@@ -283,6 +283,8 @@ async def channels(args: argparse.Namespace, counts: Counts, stop: asyncio.Event
                     counts[f"close:{close_code(data)}"] += 1
                     return
             counts["names"] += window
+            if args.names and counts["names"] >= args.names:
+                stop.set()  # enough: the attack ends by itself
         writer.close()
 
     await upgraded(args, counts, stop, one)
@@ -424,6 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=0.05, help="headers: between lines")
     parser.add_argument("--clients", type=int, default=10, help="pings, fragments, churn, resume")
     parser.add_argument("--per-connection", type=int, default=20, help="churn")
+    parser.add_argument("--names", type=int, default=0, help="channels: stop after this many")
     parser.add_argument("--inflated", type=int, default=100 << 20, help="bombs: bytes inflated")
     parser.add_argument("--channel", default="h.storm", help="resume, publish")
     parser.add_argument("--redis", help="publish: the Redis URL to publish through")

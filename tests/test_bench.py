@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench.fanout import start_server
-from bench.regression import RECORD, TOLERANCE, measure_ratio
+from bench.regression import measure_ratio
+from bench.targets import CPU_VS_GUIDE, targets
 from tests.harness import (
     GatewayFactory,
     RedisServer,
@@ -74,17 +75,44 @@ def test_the_whole_benchmark_runs_quick_and_writes_its_report(tmp_path: Path) ->
     assert {("10k", "gateway"), ("10k", "guide"), ("1k-stalled", "gateway")} <= designs
     for row in report["rows"]:
         assert row["delivered_share"] == 1.0, row  # a few subscribers at most 200/s: all there
-        # Measured (a number, not None); may be 0: the quick runs' 40 subscribers at 20/s can
-        # cost the server less than one 10 ms clock tick of /proc CPU time.
-        assert row["cpu_us_per_delivery"] >= 0
+        # CPU is counted in 10 ms ticks of /proc: the quick runs' 40 subscribers at 20/s may
+        # cost less than one, but 40 at 500/s (20,000 deliveries) cost several.
+        assert 0 <= row["cpu_us_per_delivery"] < 1000, row
+        if row["scenario"] == "1k-saturation":
+            assert row["cpu_us_per_delivery"] > 0, row
+    # The targets are computed from these rows, each with its verdict.
+    assert report["targets"] == targets(report["rows"])
     assert len(report["targets"]) == 5
     assert "## Targets" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "fanout.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_cpu_per_delivery_against_the_guide_has_not_regressed() -> None:
-    """Fails when the gateway's CPU per delivery, relative to the guide's design measured in
-    the same run, is more than 40% worse than the ratio recorded in bench/results."""
-    recorded = json.loads(RECORD.read_text())["ratio"]
+def test_the_recorded_benchmark_meets_every_documented_target() -> None:
+    """bench/results/report.json is what docs/performance.md reports: each target's verdict is
+    the one its rows give against today's bound, and every target is met."""
+    report = json.loads((Path(__file__).parent.parent / "bench/results/report.json").read_text())
+    recomputed = targets(report["rows"])
+    assert report["targets"] == recomputed
+    assert [t["target"] for t in recomputed if not t["met"]] == []
+
+
+def test_a_target_missed_is_reported_as_missed() -> None:
+    report = json.loads((Path(__file__).parent.parent / "bench/results/report.json").read_text())
+    rows = [dict(row) for row in report["rows"]]
+    for row in rows:  # the gateway at 20 msg/s now costs as much CPU as the guide
+        if (row["scenario"], row["design"], row["rate"]) == ("1k", "gateway", 20):
+            guide = next(
+                r for r in rows if (r["scenario"], r["design"], r["rate"]) == ("1k", "guide", 20)
+            )
+            row["cpu_us_per_delivery"] = guide["cpu_us_per_delivery"]
+    verdicts = {t["target"]: t["met"] for t in targets(rows)}
+    assert verdicts["CPU per delivery, 1k subscribers, 20 msg/s, gateway / guide"] is False
+    assert sum(verdicts.values()) == len(verdicts) - 1
+
+
+def test_cpu_per_delivery_against_the_guide_meets_the_documented_bound() -> None:
+    """The CPU claim of docs/performance.md (bench.targets.CPU_VS_GUIDE), measured live in the
+    benchmark's own scenario: 1k subscribers at 20 msg/s, three pairs, median. Slow by nature
+    (about 90 s): 6,000 connections and 36 s of publishing."""
     measured = measure_ratio()
-    assert measured["ratio"] <= recorded * TOLERANCE, (measured, recorded)
+    assert measured["ratio"] <= CPU_VS_GUIDE, measured
