@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import uvloop
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
@@ -369,6 +370,10 @@ class GatewayProcess:
             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
         )
 
+    def closed(self, code: int) -> float:
+        """How many client connections the replica has closed with ``code``."""
+        return self.metric("wsgateway_connections_closed_total", websocket_close_code=str(code))
+
     def http_status(self, path: str) -> int | None:
         try:
             return self.http(path)[0]
@@ -488,6 +493,23 @@ class RawClient:
                     break
         return frames
 
+    def ends_with_reset(self, timeout: float = 10.0) -> bool:
+        """Read until the connection ends: True if the peer reset it (RST, as SO_LINGER 0
+        does), False if it closed it (FIN)."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            return True
+        return False
+
+    def send_text(self, *payloads: bytes) -> None:
+        """Send text frames of ``payloads`` as they are (valid UTF-8 or not)."""
+        for payload in payloads:
+            self.protocol.send_text(payload)
+        self.sock.sendall(b"".join(self.protocol.data_to_send()))
+
     def close(self) -> None:
         self.sock.close()
 
@@ -507,13 +529,17 @@ def envelope(channel: str, data: Any, mid: str = "m1", ts: int | None = None) ->
 
 class ThreadedGateway:
     """A real :class:`gateway.server.Gateway` on its own event loop in a thread of the test
-    process, so a test can look inside it (tasks, sessions, subscriptions) between requests."""
+    process, so a test can look inside it (tasks, sessions, subscriptions) between requests.
+
+    The loop is uvloop's, as ``wsgateway`` runs in production: flow control (when a write
+    buffer counts as full, when ``drain`` returns) is the transport's, and uvloop's differs
+    from the standard library's."""
 
     def __init__(self, providers: dict[str, Any] | None = None, **settings: Any) -> None:
         from gateway.server import Gateway
         from gateway.settings import Settings
 
-        self._loop = asyncio.new_event_loop()
+        self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._settings = Settings(_cli_parse_args=[], host="127.0.0.1", port=0, **settings)
         self._gateway_class = Gateway

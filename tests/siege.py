@@ -5,6 +5,7 @@ gateway's memory and descriptors. The adversarial tests and ``bench.soak`` use t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -37,6 +38,11 @@ class Program:
             self.process.kill()
             self.process.communicate(timeout=10)
             raise RuntimeError(f"{module} did not start: {line!r}\n{self.errors()[-2000:]}")
+
+    def wait(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if it ends by itself."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(seconds)
 
     def errors(self) -> str:
         self._errors.seek(0)

@@ -104,7 +104,9 @@ async def test_close_ends_an_iteration_in_progress(gateway_factory: GatewayFacto
             events.append(event)
 
     consumer = asyncio.create_task(consume())
-    await asyncio.sleep(0.1)
+    # One turn of the loop: the consumer's first step runs until it waits for an event.
+    await asyncio.sleep(0)
+    assert not consumer.done()
     await client.close()
     await asyncio.wait_for(consumer, 5)  # ended, not stuck
     assert events == []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -18,6 +20,7 @@ from tests.harness import (
     expect_silence,
     recv_json,
     request,
+    rss_kib,
 )
 
 
@@ -93,8 +96,11 @@ async def test_publish_is_refused_where_not_allowed(memory_gateway: GatewayProce
         ("", "bad_request", None),
         # What the decoders cannot handle is a bad request too, not a 1011.
         ('{"op":"ping","pad":' + "[" * 5000 + "]" * 5000 + "}", "bad_request", None),
-        ('{"op":"publish","channel":"chat","id":6,"data":' + "[" * 400 + "]" * 400 + "}",
-         "bad_request", 6),
+        (
+            '{"op":"publish","channel":"chat","id":6,"data":' + "[" * 400 + "]" * 400 + "}",
+            "bad_request",
+            6,
+        ),
         ('{"op":"publish","channel":"chat","id":7,"data":' + "9" * 5000 + "}", "bad_request", 7),
         ('{"op":"publish","channel":"chat","id":8,"data":1e999}', "bad_request", 8),
     ],
@@ -117,6 +123,74 @@ async def test_binary_frame_closes_with_1003(memory_gateway: GatewayProcess) -> 
         with pytest.raises(ConnectionClosed):
             await recv_json(ws)
         assert ws.close_code == 1003
+
+
+def test_a_text_frame_that_is_not_utf8_closes_with_1007(memory_gateway: GatewayProcess) -> None:
+    raw = RawClient(memory_gateway.ws_url)
+    try:
+        raw.send_text(b'{"op":"ping","id":"\xff\xfe"}')
+        frames = raw.read_frames(timeout=5)
+    finally:
+        raw.close()
+    assert [f.opcode for f in frames] == [Opcode.CLOSE]
+    assert Close.parse(frames[0].data).code == 1007
+    # Counted with the code the replica sent, though the client never answered it.
+    assert (
+        memory_gateway.metric(
+            "wsgateway_connections_closed_total", websocket_close_code="1007", reason="protocol"
+        )
+        == 1
+    )
+
+
+async def test_unsubscribing_from_a_channel_never_subscribed_is_answered_unsubscribed(
+    memory_gateway: GatewayProcess,
+) -> None:
+    async with client(memory_gateway.ws_url) as ws:
+        reply = await request(ws, {"op": "unsubscribe", "channel": "never", "id": 5})
+        assert reply == {"op": "unsubscribed", "channel": "never", "id": 5}
+        assert await request(ws, {"op": "ping", "id": 6}) == {"op": "pong", "id": 6}
+
+
+async def test_a_client_that_sends_but_never_reads_cannot_make_the_replica_hold_or_read_more(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Requests as fast as the socket takes them, replies never read. While its transport is
+    congested the replica does not read from it; its replies fill its queue and it is closed
+    1013; flooding on instead of answering the close, it meets the rate limit, which counts
+    frames while closing too: no longer read, reset a second later (not at the 30 s close
+    timeout). The replica's memory hardly moves."""
+    gateway = gateway_factory(
+        {
+            # A burst of 2,000 frames: its first replies fill the 256-reply queue well before.
+            "GATEWAY_RATE_LIMIT": "2000",
+            "GATEWAY_SEND_BUFFER": "4096",
+            "GATEWAY_WRITE_LIMIT": "4096",
+            "GATEWAY_CLOSE_TIMEOUT": "30",
+        }
+    )
+    assert gateway.process is not None
+    before = rss_kib(gateway.process.pid)
+    raw = RawClient(gateway.ws_url, rcvbuf=4096)
+    try:
+        for n in range(1000):
+            raw.protocol.send_text(json.dumps({"op": "ping", "id": n}).encode())
+        chunk = b"".join(raw.protocol.data_to_send())  # 1,000 requests, ~35 KB
+        raw.sock.setblocking(False)
+        sent, started = 0, time.monotonic()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            while time.monotonic() - started < 10:
+                try:
+                    sent += raw.sock.send(chunk)
+                except BlockingIOError:  # the kernel's buffers are full: nobody reads them
+                    await asyncio.sleep(0.01)
+        ended = time.monotonic() - started
+        assert ended < 5, ended  # reset, long before the close timeout
+        assert sent < 32 * 1024 * 1024, sent
+        assert gateway.closed(1013) == 1  # what it was closed for: its replies' queue
+        assert rss_kib(gateway.process.pid) - before < 8 * 1024
+    finally:
+        raw.close()
 
 
 async def test_oversized_frame_closes_with_1009(gateway_factory: GatewayFactory) -> None:
@@ -163,6 +237,25 @@ async def test_bad_channels_query_is_refused_at_the_handshake(
             pass
     assert caught.value.response.status_code == 400
     assert b"invalid channel name" in caught.value.response.body
+
+
+def test_a_request_that_is_not_valid_http_is_answered_400(
+    memory_gateway: GatewayProcess,
+) -> None:
+    """websockets itself hangs up on these without a word; the replica answers them."""
+    request = (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Origin: \x00\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", memory_gateway.port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert answer.endswith(b"not a valid HTTP request\n")
+    assert memory_gateway.metric("wsgateway_handshakes_refused_total", reason="malformed") == 1
 
 
 def test_health_endpoints(memory_gateway: GatewayProcess) -> None:

@@ -195,6 +195,42 @@ async def test_a_resharded_slot_is_followed_without_losing_the_subscription(
             assert (await recv_json(ws))["data"] == "after"
 
 
+async def test_a_subscribe_answered_moved_is_placed_on_the_new_owner(
+    cluster: RedisClusterServers, gateway_factory: GatewayFactory
+) -> None:
+    """The replica's slot map is stale (the map is re-read only every minute here, and the
+    slot moved with CLUSTER SETSLOT, which tells no subscriber): its SSUBSCRIBE is answered
+    MOVED, the map is re-read and the channel subscribed where it lives now."""
+    env = {**FAST, "GATEWAY_REDIS_URL": cluster.url, "GATEWAY_PROBE_INTERVAL": "60"}
+    gateway: GatewayProcess = gateway_factory(env)
+    source, target = cluster.primaries()[:2]
+    channel = next(
+        f"moved{n}" for n in itertools.count() if cluster.owner(f"ws:moved{n}").port == source.port
+    )
+    slot = key_slot(f"ws:{channel}".encode())
+    async with client(gateway.ws_url) as ws:
+        # The replica has read the slot map and holds a connection to the source.
+        warm = next(
+            f"warm{n}"
+            for n in itertools.count()
+            if cluster.owner(f"ws:warm{n}").port == source.port
+        )
+        await subscribe_all(ws, [warm])
+        # An empty slot moves without MIGRATE: the protocol of redis-cli --cluster reshard.
+        target.command("CLUSTER", "SETSLOT", str(slot), "IMPORTING", _node_id(source))
+        source.command("CLUSTER", "SETSLOT", str(slot), "MIGRATING", _node_id(target))
+        for node in (target, source, *cluster.primaries()[2:]):
+            node.command("CLUSTER", "SETSLOT", str(slot), "NODE", _node_id(target))
+        assert cluster.owner(f"ws:{channel}").port == target.port
+        await subscribe_all(ws, [channel])
+        assert "answered MOVED" in gateway.logs()  # the path taken: not a periodic re-read
+        assert shard_subscribers(target, channel) == 1
+        assert shard_subscribers(source, channel) == 0
+        with Publisher(cluster.url) as publisher:
+            assert publisher.publish(channel, "on the new owner") == 1
+            assert (await recv_json(ws))["data"] == "on the new owner"
+
+
 async def test_hash_tags_put_related_channels_and_their_history_on_one_node(
     cluster: RedisClusterServers, gateway_factory: GatewayFactory
 ) -> None:
@@ -220,7 +256,7 @@ async def test_hash_tags_put_related_channels_and_their_history_on_one_node(
 async def test_a_silent_node_connection_is_detected_and_replaced(
     cluster: RedisClusterServers, gateway_factory: GatewayFactory
 ) -> None:
-    """A node that stops answering (CLIENT PAUSE: connections open, nothing processed) is
+    """A node that stops answering (CLIENT PAUSE WRITE: connections open, no SPUBLISH served) is
     found by the per-node probe, not by a socket timeout, and its channels re-subscribed."""
     gateway = gateway_factory(
         {
@@ -233,10 +269,14 @@ async def test_a_silent_node_connection_is_detected_and_replaced(
     node = cluster.owner("ws:quiet")
     async with client(gateway.ws_url) as ws:
         await subscribe_all(ws, ["quiet"])
-        node.command("CLIENT", "PAUSE", "3000", "ALL")
-        await asyncio.to_thread(wait_until, lambda: "is silent" in gateway.logs(), 3)
-        assert gateway.http_status("/readyz") == 503
-        assert f"127.0.0.1:{node.port} down" in gateway.http("/readyz")[1]
+        # Paused for longer than the test waits: the node comes back when the test says so.
+        node.command("CLIENT", "PAUSE", "60000", "WRITE")  # SPUBLISH, the probe, waits too
+        try:
+            await asyncio.to_thread(wait_until, lambda: "is silent" in gateway.logs(), 10)
+            assert gateway.http_status("/readyz") == 503
+            assert f"127.0.0.1:{node.port} down" in gateway.http("/readyz")[1]
+        finally:
+            node.command("CLIENT", "UNPAUSE")
         await asyncio.to_thread(wait_until, lambda: gateway.http_status("/readyz") == 200, 20)
         with Publisher(cluster.url) as publisher:
             assert publisher.publish("quiet", "after") == 1

@@ -1,4 +1,5 @@
-"""The container image, compose.yaml and the Kubernetes manifests, validated offline."""
+"""The container image, compose.yaml and the Kubernetes manifests, validated offline; the
+dashboard's queries against a running replica."""
 
 from __future__ import annotations
 
@@ -12,8 +13,19 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
 
 from gateway.settings import Settings
+from tests.harness import (
+    GatewayFactory,
+    RawClient,
+    RedisServer,
+    async_wait_until,
+    client,
+    envelope,
+    recv_json,
+)
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -97,7 +109,8 @@ def test_load_balancer_config() -> None:
     )
 
 
-def test_dashboard_queries_name_metrics_the_gateway_exports() -> None:
+def dashboard_series() -> set[str]:
+    """Every series name the Grafana dashboard and the HPA query."""
     import json
 
     dashboard = json.loads((ROOT / "deploy/compose/grafana/dashboards/wsgateway.json").read_text())
@@ -111,17 +124,54 @@ def test_dashboard_queries_name_metrics_the_gateway_exports() -> None:
         "Backplane",
     ):
         assert wanted in titles
-    names = {
-        n
-        for panel in dashboard["panels"]
-        for target in panel["targets"]
-        for n in re.findall(r"wsgateway_[a-z_]+", target["expr"])
-    }
-    exported = (ROOT / "docs" / "observability.md").read_text()
-    for name in names:
-        base = re.sub(r"_(total|bucket|seconds_bucket|seconds)$", "", name)
-        dotted = base.replace("wsgateway_", "wsgateway.").replace("_", ".")
-        assert dotted in exported or base.replace("_", ".") in exported, name
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    expressions.append((ROOT / "deploy/k8s/base/hpa.yaml").read_text())
+    return {n for e in expressions for n in re.findall(r"wsgateway_[a-z_]+", e)}
+
+
+async def test_dashboard_queries_name_series_a_running_gateway_exports(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """The names are read from a live replica's /metrics after the events that create them
+    (a delivery, a drop, a close, a refusal, a malformed envelope), not from the docs."""
+    gateway = gateway_factory(
+        {
+            "GATEWAY_REDIS_URL": redis_server.url,
+            "GATEWAY_MAX_CONNECTIONS": "3",
+            "GATEWAY_SLOW_CONSUMER_POLICY": "drop-newest",
+            "GATEWAY_QUEUE_MAX_MESSAGES": "2",
+            "GATEWAY_SEND_BUFFER": "4096",
+            "GATEWAY_WRITE_LIMIT": "4096",
+        }
+    )
+    stalled = RawClient(gateway.ws_url + "?channels=feed", rcvbuf=4096)
+    try:
+        async with client(gateway.ws_url + "?channels=feed") as ws:
+            assert (await recv_json(ws))["op"] == "subscribed"
+            # 320 KB, one message at a time for the healthy client (its queue holds two): more
+            # than the stalled client's buffers and queue.
+            for n in range(40):
+                redis_server.publish("ws:feed", envelope("feed", {"n": n, "pad": "x" * 8000}))
+                assert (await recv_json(ws))["data"]["n"] == n
+            redis_server.publish("ws:feed", b"not json")
+            async with client(gateway.ws_url):
+                with pytest.raises(InvalidStatus):  # the fourth: refused
+                    async with client(gateway.ws_url):
+                        pass
+        # The two clients closed (the refused one never opened), the stalled one's drops.
+        await async_wait_until(
+            lambda: (
+                gateway.metric("wsgateway_connections_closed_total") >= 2
+                and gateway.metric("wsgateway_deliveries_dropped_total") > 0
+            )
+        )
+    finally:
+        stalled.close()
+    status, text = gateway.http("/metrics")
+    assert status == 200
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    missing = dashboard_series() - exported
+    assert not missing, sorted(exported)
 
 
 # The image

@@ -22,7 +22,9 @@ from tests.harness import (
     GatewayFactory,
     GatewayProcess,
     RedisServer,
+    async_wait_until,
     client,
+    expect_silence,
     recv_json,
     request,
     wait_until,
@@ -348,6 +350,43 @@ async def test_a_gap_in_live_offsets_is_filled_from_the_stream(
     # The stream's copy of 5 comes first; the held live one is then a duplicate.
     expected_events = {"filled": len(expected), "duplicate": 1, "replayed": 0}
     assert events == expected_events | ({"lost": lost} if lost else {})
+
+
+@pytest.mark.parametrize("recovers", [True, False], ids=["read-recovers", "read-never-works"])
+async def test_a_history_read_that_fails_is_retried_then_given_up(
+    redis_server: RedisServer, gateway_factory: GatewayFactory, recovers: bool
+) -> None:
+    """The fill of a gap meets a real Redis error (the replica's ACL user may not run scripts):
+    it is retried with backoff, and after five failed tries the held live message is
+    delivered anyway, the gap counted lost: a broken history never stops live delivery."""
+    redis_server.command("ACL", "SETUSER", "gateway", "on", ">secret", "~*", "&*", "+@all")
+    url = redis_server.url.replace("redis://", "redis://gateway:secret@")
+    gateway = gateway_factory({**HISTORY, "GATEWAY_REDIS_URL": url})
+    r: Any = redis.Redis.from_url(redis_server.url)
+    policy = HistoryPolicy(("h.*",))
+    keys = list(history_keys("ws:", "h.retry"))
+    script = r.register_script(APPEND_LUA)
+    async with client(gateway.ws_url) as ws:
+        await _subscribe(ws, "h.retry")
+        script(keys, policy.append_args("ws:h.retry", build_envelope("h.retry", 1)))
+        assert [m["offset"] for m in await _messages(ws, 1)] == [1]
+        redis_server.command("ACL", "SETUSER", "gateway", "-@scripting")
+        for n in (2, 3):  # numbered and stored, but published where nobody listens
+            script(keys, policy.append_args("ws:elsewhere", build_envelope("h.retry", n)))
+        script(keys, policy.append_args("ws:h.retry", build_envelope("h.retry", 4)))
+        await async_wait_until(lambda: gateway.logs().count("cannot read history") >= 2)
+        if recovers:
+            redis_server.command("ACL", "SETUSER", "gateway", "+@scripting")
+            got = await _messages(ws, 3)
+            assert [(m["offset"], m["data"]) for m in got] == [(2, 2), (3, 3), (4, 4)]
+            assert history_events(gateway) == {"filled": 3, "duplicate": 1, "replayed": 0}
+        else:
+            got = await _messages(ws, 1)  # after five tries: what was held, the gap lost
+            assert [(m["offset"], m["data"]) for m in got] == [(4, 4)]
+            assert gateway.logs().count("cannot read history") == 4
+            assert "gave up reading its history" in gateway.logs()
+            assert history_events(gateway) == {"filled": 0, "lost": 2, "replayed": 0}
+        await expect_silence(ws)
 
 
 def history_events(gateway: GatewayProcess) -> dict[str, float]:

@@ -39,7 +39,7 @@ async def test_connection_limit_answers_503_and_frees_slots(
                 pass
         assert caught.value.response.status_code == 503
         await first[0].close()
-        await asyncio.sleep(0.2)
+        await async_wait_until(lambda: gateway.metric("wsgateway_connections_open") == 2)
         async with client(gateway.ws_url) as again:
             assert (await request(again, {"op": "ping"}))["op"] == "pong"
 
@@ -72,48 +72,82 @@ def test_a_silent_tcp_connection_is_dropped_after_the_handshake_timeout(
         assert 0.5 < time.monotonic() - started < 4
 
 
+STALLED = 100
+QUEUE_BYTES = 128 * 1024
+WRITE_LIMIT = 8192
+MESSAGE = 8 * 1024
+#: What one stalled client can make the replica hold: its queue full of messages nobody else
+#: holds (each stalled client has a channel of its own), and in its transport the write limit
+#: plus the write that crossed it (one message).
+PER_STALLED_KIB = (QUEUE_BYTES + WRITE_LIMIT + MESSAGE) // 1024
+#: What does not grow with stalled clients: messages read from Redis and not yet fanned out
+#: (GATEWAY_BACKLOG_BYTES, 2 MiB here), the Redis reader's buffers, the allocator's slack
+#: (2 MiB: measured growth was 17.0 MB against 18.4 MB allowed).
+BACKLOG_KIB = 2 * 1024
+FIXED_KIB = BACKLOG_KIB + 2 * 1024
+
+
 async def test_stalled_clients_are_cut_off_and_memory_stays_bounded(
     redis_server: RedisServer, gateway_factory: GatewayFactory
 ) -> None:
-    queue_bytes = 64 * 1024
+    """100 clients that never read, each on a channel of its own that gets 320 KB: the
+    replica holds at most their queues and write buffers (PER_STALLED_KIB each; 32 MB was
+    published to them), keeps the newest of each channel, and cuts them all off at the stall
+    timeout with a reset; a healthy client on the first channel gets every message."""
     gateway = gateway_factory(
         {
             "GATEWAY_REDIS_URL": redis_server.url,
             "GATEWAY_SLOW_CONSUMER_POLICY": "drop-oldest",  # a full queue alone closes nobody
-            "GATEWAY_QUEUE_MAX_BYTES": str(queue_bytes),
-            "GATEWAY_STALL_TIMEOUT": "1.5",
+            "GATEWAY_QUEUE_MAX_BYTES": str(QUEUE_BYTES),
+            "GATEWAY_QUEUE_MAX_MESSAGES": "1000",  # the byte bound is the one under test
+            "GATEWAY_STALL_TIMEOUT": "3",
             "GATEWAY_SEND_BUFFER": "8192",
-            "GATEWAY_WRITE_LIMIT": "8192",
+            "GATEWAY_WRITE_LIMIT": str(WRITE_LIMIT),
+            "GATEWAY_BACKLOG_BYTES": str(BACKLOG_KIB * 1024),  # a round is 800 KB
         }
     )
-    url = gateway.ws_url + "?channels=feed"
-    stalled = [RawClient(url, rcvbuf=4096) for _ in range(20)]
-    try:
-        async with client(url) as healthy:
-            await recv_json(healthy)
-            assert gateway.process is not None
-            pid = gateway.process.pid
-            before = rss_kib(pid)
-            publisher = redis.asyncio.Redis.from_url(redis_server.url)
-            pad = "x" * 8000
-            count = 2000  # 16 MB to each of 20 clients that never read
-            reader = asyncio.create_task(_collect(healthy, count))
-            peak = before
-            for n in range(count):
-                if n % 100 == 0:
-                    peak = max(peak, rss_kib(pid))
-                body = {"n": n, "pad": pad}
-                await publisher.publish("ws:feed", envelope("feed", body, mid=f"m{n}"))
-                await asyncio.sleep(0.002)  # ~4 MB/s: a pace the healthy client keeps up with
+    stalled = [RawClient(f"{gateway.ws_url}?channels=s{i}", rcvbuf=4096) for i in range(STALLED)]
+    assert gateway.process is not None
+    pid = gateway.process.pid
+    rounds = 40
+
+    def publish() -> int:
+        """From a thread: the healthy client reads on the test's loop meanwhile."""
+        publisher = redis.Redis.from_url(redis_server.url)
+        peak = rss_kib(pid)
+        for n in range(rounds):
+            for i in range(STALLED):
+                body = {"n": n, "pad": "x" * (MESSAGE - 100)}
+                publisher.publish(f"ws:s{i}", envelope(f"s{i}", body, mid=f"m{n}"))
             peak = max(peak, rss_kib(pid))
-            assert await reader == list(range(count))  # the healthy client got every message
-            await publisher.aclose()
-            # Per stalled client at most: its queue, one coalesced write and the write buffer.
-            bound_kib = 20 * (queue_bytes + 2 * 8192 + 8192) // 1024 + 8 * 1024
-            assert peak - before < bound_kib, (before, peak)
+            time.sleep(0.01)
+        publisher.close()
+        return max(peak, rss_kib(pid))
+
+    try:
+        async with client(f"{gateway.ws_url}?channels=s0") as healthy:
+            await recv_json(healthy)
             await async_wait_until(
-                lambda: gateway.logs().count("cutting off stalled client") >= 20, timeout=10
+                lambda: gateway.metric("wsgateway_backplane_channels") == STALLED
             )
+            before = rss_kib(pid)
+            reader = asyncio.create_task(_collect(healthy, rounds))
+            peak = await asyncio.to_thread(publish)
+            assert await reader == list(range(rounds))  # the healthy client got every message
+            # Every stalled queue filled: the drops are what the bound saved.
+            assert gateway.metric("wsgateway_deliveries_dropped_total") > STALLED * 10
+            growth = peak - before
+            assert growth < STALLED * PER_STALLED_KIB + FIXED_KIB, (before, peak)
+            # Cut off (1013, their buffers too full for a close frame to matter), all of them.
+            await async_wait_until(
+                lambda: (
+                    gateway.closed(1013) == STALLED
+                    and gateway.metric("wsgateway_connections_open") == 1
+                ),
+                timeout=15,
+            )
+            # With a TCP reset (SO_LINGER 0): a close frame could not reach them anyway.
+            assert all(raw.ends_with_reset() for raw in stalled)
     finally:
         for raw in stalled:
             raw.close()
@@ -129,21 +163,24 @@ async def test_sigterm_drains_in_batches_spread_over_the_window(
     gateway = gateway_factory({"GATEWAY_DRAIN_SECONDS": "2"})
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(40)]
-        signalled = time.monotonic()
-        gateway.signal(signal.SIGTERM)
 
-        async def closed_at(ws) -> float:  # type: ignore[no-untyped-def]
+        async def closed_at(ws: ClientConnection) -> float:
             with contextlib.suppress(ConnectionClosed):
                 await recv_json(ws, timeout=10)
             assert ws.close_code == 1001
             return time.monotonic() - signalled
 
-        await asyncio.sleep(0.3)
-        assert gateway.http("/readyz") == (503, "draining\n")
+        # Every client is waiting for its close before the signal, so each time is stamped
+        # when its close arrives.
+        waiting = [asyncio.create_task(closed_at(ws)) for ws in clients]
+        await asyncio.sleep(0)
+        signalled = time.monotonic()
+        gateway.signal(signal.SIGTERM)
+        await async_wait_until(lambda: gateway.http("/readyz") == (503, "draining\n"))
         with pytest.raises(InvalidStatus):
             async with client(gateway.ws_url):
                 pass
-        times = sorted(await asyncio.gather(*(closed_at(ws) for ws in clients)))
+        times = sorted(await asyncio.gather(*waiting))
     assert times[-1] < 2 + 1.0
     assert times[-1] - times[0] > 1.0  # spread out, not all at once
     # No instant takes more than half of the clients (a fair share would be 4 in 0.2 s).
@@ -157,7 +194,7 @@ async def test_a_second_signal_skips_the_rest_of_the_drain(gateway_factory: Gate
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(20)]
         gateway.signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)
+        await async_wait_until(lambda: gateway.http("/readyz")[0] == 503)  # draining
         second = time.monotonic()
         gateway.signal(signal.SIGINT)
         for ws in clients:
@@ -185,17 +222,34 @@ async def test_stragglers_are_cut_off_at_the_shutdown_deadline(
         assert await asyncio.to_thread(gateway.wait) == 0
         assert time.monotonic() - started < 3.5
         assert "cutting off 1 connections at the shutdown deadline" in gateway.logs()
+        assert stubborn.ends_with_reset()  # the effect: reset, not left to the kernel's timers
     finally:
         stubborn.close()
 
 
-def test_start_up_raises_the_soft_file_limit_to_the_hard_one(
+def file_limits(pid: int) -> list[str]:
+    """A process's soft and hard RLIMIT_NOFILE, as /proc says them."""
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    return next(line for line in limits if line.startswith("Max open files")).split()[3:5]
+
+
+async def test_start_up_raises_the_soft_file_limit_and_keeps_a_reserve(
     gateway_factory: GatewayFactory,
 ) -> None:
-    gateway = gateway_factory(files=(512, 2048))
+    gateway = gateway_factory(files=(300, 400))
     assert gateway.process is not None
-    limits = Path(f"/proc/{gateway.process.pid}/limits").read_text().splitlines()
-    line = next(line for line in limits if line.startswith("Max open files"))
-    assert line.split()[3:5] == ["2048", "2048"], line
-    # What the reserve leaves for clients is said once at start-up.
-    assert "up to 1792 client sockets (256 kept for Redis and probes)" in gateway.logs()
+    assert file_limits(gateway.process.pid) == ["400", "400"]
+    assert "up to 144 client sockets (256 kept for Redis and probes)" in gateway.logs()
+    # The effect: 400 descriptors less the reserve of 256 is room for 144 client sockets.
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(144)]
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(gateway.ws_url):
+                pass
+        assert refused.value.response.status_code == 503
+        await clients[0].close()
+        # (The /metrics request is a socket of the same port too: 143 clients and itself.)
+        await async_wait_until(lambda: gateway.metric("wsgateway_sockets_open") == 144)
+        assert gateway.metric("wsgateway_handshakes_refused_total", reason="descriptors") == 1
+        async with client(gateway.ws_url) as again:
+            assert (await request(again, {"op": "ping"}))["op"] == "pong"

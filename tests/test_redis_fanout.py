@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from tests.harness import (
@@ -190,7 +189,9 @@ async def test_readiness_follows_the_backplane(
         assert (reply["op"], reply["code"], reply["id"]) == ("error", "unavailable", 1)
     redis_server.start()
     await async_wait_until(lambda: gateway.http("/readyz")[0] == 200, timeout=20)
-    await asyncio.sleep(0)
+    async with client(gateway.ws_url) as ws:  # ready again means subscribing works again
+        reply = await request(ws, {"op": "subscribe", "channel": "news", "id": 2})
+        assert (reply["op"], reply["id"]) == ("subscribed", 2)
 
 
 async def test_compression_when_turned_on(
@@ -211,3 +212,19 @@ async def test_compression_when_turned_on(
             redis_server.publish("ws:news", envelope("news", {"n": n, "text": "abc" * 100}))
         for ws in (deflating, plain):
             assert [(await recv_json(ws))["data"]["n"] for _ in range(50)] == list(range(50))
+
+
+async def test_the_channel_prefix_names_the_redis_channels(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """Two applications share one Redis: each replica hears its own prefix only."""
+    gateway = gateway_factory(
+        {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_CHANNEL_PREFIX": "app1:"}
+    )
+    async with client(gateway.ws_url + "?channels=news") as ws:
+        await recv_json(ws)
+        assert redis_server.pubsub_channels() == {"app1:news"}
+        assert redis_server.publish("ws:news", envelope("news", "other app")) == 0
+        assert redis_server.publish("app1:news", envelope("news", "ours")) == 1
+        assert (await recv_json(ws))["data"] == "ours"
+        await expect_silence(ws)

@@ -118,6 +118,7 @@ async def test_publish_reaches_every_replica_and_a_stopped_replica_moves_its_cli
             except ConnectionClosed as closed:
                 assert closed.rcvd is not None and closed.rcvd.code == 1001
                 drained[index] = True  # its replica went away: reconnect through nginx
+                connected[index].clear()
 
     tasks = [asyncio.create_task(subscriber(i)) for i in range(clients)]
     for event in connected:
@@ -148,13 +149,16 @@ async def test_publish_reaches_every_replica_and_a_stopped_replica_moves_its_cli
         await publish(10)
     await asyncio.to_thread(stopper.join)
     assert replicas[0].process is not None and replicas[0].process.returncode == 0
-    await asyncio.sleep(1)  # the last of its clients reconnect
+    for event in connected:  # the last of its clients are back, subscribed through nginx
+        await asyncio.wait_for(event.wait(), 10)
     await publish(20)
-    await asyncio.sleep(0.5)
+    await async_wait_until(lambda: all(r and r[-1] == sequence - 1 for r in received))
     done.set()
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:  # an assertion that failed inside a subscriber fails the test here
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await publisher.aclose()
 
     moved = [i for i in range(clients) if drained[i]]
