@@ -256,6 +256,7 @@ def test_resumers_that_do_not_read_hold_shared_messages_until_cut_off(
     assert_canary_unharmed(observed)
 
 
+@pytest.mark.timeout(300)  # the attack alone may take up to 120 s on a loaded machine
 @pytest.mark.parametrize("backplane", ["memory", "redis", "cluster"])
 def test_channel_names_leave_nothing_behind(
     backplane: str, request: pytest.FixtureRequest, gateway_factory: GatewayFactory

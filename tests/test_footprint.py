@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import pytest
+
 from bench.fanout import connect_idle, stop_clients
 from bench.targets import IDLE_KIB
 from tests.harness import (
@@ -46,6 +48,7 @@ async def test_a_connection_costs_one_task_and_keepalive_still_runs() -> None:
         gateway.stop()
 
 
+@pytest.mark.timeout(300)
 def test_idle_memory_per_connection_meets_the_documented_bound(
     gateway_factory: GatewayFactory, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.harness import (
     GatewayFactory,
+    GatewayProcess,
     RawClient,
     RedisServer,
     async_wait_until,
@@ -32,14 +34,21 @@ async def test_connection_limit_answers_503_and_frees_slots(
     gateway_factory: GatewayFactory,
 ) -> None:
     gateway = gateway_factory({"GATEWAY_MAX_CONNECTIONS": "3"})
+    await full_at(gateway, 3, lambda: gateway.metric("wsgateway_connections_open") == 2)
+    assert gateway.metric("wsgateway_handshakes_refused_total", reason="capacity") == 1
+
+
+async def full_at(gateway: GatewayProcess, count: int, freed: Callable[[], bool]) -> None:
+    """``count`` clients get in and the next is answered 503; when one leaves (``freed``
+    says when the replica has its slot back), a new client gets in again."""
     async with contextlib.AsyncExitStack() as stack:
-        first = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(3)]
-        with pytest.raises(InvalidStatus) as caught:
+        clients = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(count)]
+        with pytest.raises(InvalidStatus) as refused:
             async with client(gateway.ws_url):
                 pass
-        assert caught.value.response.status_code == 503
-        await first[0].close()
-        await async_wait_until(lambda: gateway.metric("wsgateway_connections_open") == 2)
+        assert refused.value.response.status_code == 503
+        await clients[0].close()
+        await async_wait_until(freed)
         async with client(gateway.ws_url) as again:
             assert (await request(again, {"op": "ping"}))["op"] == "pong"
 
@@ -241,15 +250,6 @@ async def test_start_up_raises_the_soft_file_limit_and_keeps_a_reserve(
     assert file_limits(gateway.process.pid) == ["400", "400"]
     assert "up to 144 client sockets (256 kept for Redis and probes)" in gateway.logs()
     # The effect: 400 descriptors less the reserve of 256 is room for 144 client sockets.
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(144)]
-        with pytest.raises(InvalidStatus) as refused:
-            async with client(gateway.ws_url):
-                pass
-        assert refused.value.response.status_code == 503
-        await clients[0].close()
-        # (The /metrics request is a socket of the same port too: 143 clients and itself.)
-        await async_wait_until(lambda: gateway.metric("wsgateway_sockets_open") == 144)
-        assert gateway.metric("wsgateway_handshakes_refused_total", reason="descriptors") == 1
-        async with client(gateway.ws_url) as again:
-            assert (await request(again, {"op": "ping"}))["op"] == "pong"
+    # (The /metrics request is a socket of the same port too: 143 clients and itself.)
+    await full_at(gateway, 144, lambda: gateway.metric("wsgateway_sockets_open") == 144)
+    assert gateway.metric("wsgateway_handshakes_refused_total", reason="descriptors") == 1
