@@ -241,11 +241,12 @@ class SessionConnection(ServerConnection):
             and not self.answered_not_http
         ):
             # websockets hangs up on a request it cannot parse (a NUL in a header, a broken
-            # request line) without a word: answer it, before the end of stream it queued.
+            # request line) without a word, and its half-close did not always reach the peer
+            # before the open timeout: answer it and close.
             self.answered_not_http = True
-            self.transport.write(_NOT_HTTP)
-            if self.on_refused is not None:
-                self.on_refused("malformed")
+            self.protocol.data_to_send()  # the end of stream queued: closing says it
+            self._reject(self.transport, _NOT_HTTP, "malformed")
+            return
         # Every change of the protocol's state is followed by a call to send_data: once the
         # connection is no longer OPEN, data frames may no longer be written straight through.
         super().send_data()
