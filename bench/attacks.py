@@ -120,6 +120,8 @@ async def upgraded(
             await asyncio.sleep(0.1)
             return
         counts["opened"] += 1
+        if args.opened and counts["opened"] >= args.opened:
+            stop.set()  # enough: the attack ends by itself
         await use(*opened)
 
     await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
@@ -427,6 +429,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=10, help="pings, fragments, churn, resume")
     parser.add_argument("--per-connection", type=int, default=20, help="churn")
     parser.add_argument("--names", type=int, default=0, help="channels: stop after this many")
+    parser.add_argument(
+        "--opened", type=int, default=0, help="stop after opening this many connections"
+    )
     parser.add_argument("--inflated", type=int, default=100 << 20, help="bombs: bytes inflated")
     parser.add_argument("--channel", default="h.storm", help="resume, publish")
     parser.add_argument("--redis", help="publish: the Redis URL to publish through")
