@@ -159,7 +159,8 @@ async def test_a_client_that_sends_but_never_reads_cannot_make_the_replica_hold_
     congested the replica does not read from it; its replies fill its queue and it is closed
     1013; flooding on instead of answering the close, it meets the rate limit, which counts
     frames while closing too: no longer read, reset a second later (not at the 30 s close
-    timeout). The replica's memory hardly moves."""
+    timeout; before that fix this test ended at its own 10 s). The replica's memory hardly
+    moves."""
     gateway = gateway_factory(
         {
             # A burst of 2,000 frames: its first replies fill the 256-reply queue well before.
@@ -187,7 +188,9 @@ async def test_a_client_that_sends_but_never_reads_cannot_make_the_replica_hold_
         ended = time.monotonic() - started
         assert ended < 5, ended  # reset, long before the close timeout
         assert sent < 32 * 1024 * 1024, sent
-        assert gateway.closed(1013) == 1  # what it was closed for: its replies' queue
+        # Closed for its replies' queue (1013), or, when the replica read a burst before its
+        # transport filled (a loaded machine), for the rate limit first (1008).
+        assert gateway.closed(1013) + gateway.closed(1008) == 1
         assert rss_kib(gateway.process.pid) - before < 8 * 1024
     finally:
         raw.close()
