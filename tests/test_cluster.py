@@ -142,7 +142,10 @@ async def test_a_primary_fails_over_and_delivery_resumes_with_nothing_lost(
             assert [m["offset"] for m in got] == [2, 3, 4, 5, 6]
             publisher.publish(plain, "after")
             assert (await recv_json(ws))["data"] == "after"
-    assert "lost Redis node" in gateway.logs()
+    # The outage counted, whichever noticed it first: the node's connection, its probe or
+    # the periodic re-read of the slot map (which, on a loaded machine, can be first).
+    assert gateway.metric("wsgateway_backplane_reconnects_total") >= 1
+    assert gateway.metric("wsgateway_backplane_outage_seconds_total") > 0
 
 
 STREAM = "{ws:h.orders}:history"
