@@ -1,5 +1,5 @@
-# syntax=docker/dockerfile:1
-# The gateway image; the publisher CLI (wspublish) ships in it too.
+# The gateway image; the publisher CLI (wspublish) ships in it too. No `# syntax=` line: it
+# would make BuildKit fetch a frontend image, and the build must work without a registry.
 
 ARG PYTHON=python:3.11-slim-bookworm
 

@@ -79,7 +79,14 @@ async def serve(settings: Settings) -> None:
 
     def on_signal(signum: int) -> None:
         if not stop.is_set():
-            log.info("%s received, shutting down", signal.Signals(signum).name)
+            log.info(
+                "%s received, shutting down: %d connections close over up to %.0f s "
+                "(GATEWAY_DRAIN_SECONDS); %s closes them now",
+                signal.Signals(signum).name,
+                len(gateway.sessions),
+                settings.drain_seconds,
+                "Ctrl-C again" if signum == signal.SIGINT else "the same signal again",
+            )
             stop.set()
         else:
             log.info("%s received again: closing every connection now", signal.Signals(signum).name)

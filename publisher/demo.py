@@ -6,18 +6,24 @@ every five seconds, until stopped.
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import time
 from types import FrameType
+
+from redis.exceptions import RedisError
 
 from publisher import otlp
 from publisher.client import Publisher
 
 __all__ = ["main"]
 
+log = logging.getLogger("publisher.demo")
+
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     running = True
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -31,9 +37,13 @@ def main() -> None:
     with Publisher(tracer_provider=tracing) as publisher:
         while running:
             price = round(price * (1 + random.gauss(0, 0.001)), 4)
-            publisher.publish("prices.demo", {"symbol": "DEMO", "price": price})
-            if tick % 10 == 0:
-                publisher.publish("news.demo", {"headline": f"tick {tick}: DEMO at {price}"})
+            try:
+                publisher.publish("prices.demo", {"symbol": "DEMO", "price": price})
+                if tick % 10 == 0:
+                    publisher.publish("news.demo", {"headline": f"tick {tick}: DEMO at {price}"})
+            except (RedisError, OSError) as exc:
+                # A feed outlives a Redis restart: skip this tick, try again at the next.
+                log.warning("cannot publish (%s); trying again", exc)
             tick += 1
             time.sleep(0.5)
     if tracing is not None:

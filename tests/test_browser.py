@@ -68,6 +68,15 @@ async def test_the_embedded_gateway_is_usable_with_nothing_but_a_browser(
     await page.wait_for("document.getElementById('notices').textContent.includes('refused')")
     notice = await page.evaluate("document.getElementById('notices').textContent")
     assert "publish other refused: forbidden" in notice
+    # The refusal did not hide the earlier notice: the last few are listed, newest first.
+    notices = await page.evaluate(
+        "[...document.getElementById('notices').children].map(item => item.textContent)"
+    )
+    assert len(notices) == 2 and "refused" in notices[0] and notices[1].endswith("published")
+    # The page says what it is, where it may publish, what its columns mean, where the docs are.
+    about = await page.evaluate("document.getElementById('about').textContent")
+    for words in ("demo.*", "offset", "latency", "docs/protocol.md"):
+        assert words in about, words
 
 
 async def test_the_page_survives_a_gateway_restart_and_shows_what_it_missed(

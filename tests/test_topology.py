@@ -52,7 +52,7 @@ def load_balancer(tmp_path: Path) -> Iterator[Any]:
         port = free_port()
         (conf / "listen.conf").write_text(f"listen 127.0.0.1:{port};\n")
         (conf / "upstreams.conf").write_text(
-            "".join(f"server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;\n" for p in ports)
+            "".join(f"server 127.0.0.1:{p} max_fails=0;\n" for p in ports)
         )
         config = (
             (conf / "nginx.conf")

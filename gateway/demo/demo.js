@@ -4,6 +4,7 @@
 "use strict";
 
 const BACKOFF_MIN_MS = 500, BACKOFF_MAX_MS = 10000, STABLE_MS = 10000, MAX_ROWS = 500;
+const MAX_NOTICES = 5;
 const url = new URL("ws", location.href);
 url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
 
@@ -15,8 +16,12 @@ let ws = null, nextId = 1, attempt = 0, openedAt = 0;
 
 const $ = (id) => document.getElementById(id);
 
+// The last few notices, newest first: one that arrives right after another does not hide it.
 function notice(text) {
-  $("notices").textContent = `${new Date().toLocaleTimeString()} ${text}`;
+  const item = document.createElement("li");
+  item.textContent = `${new Date().toLocaleTimeString()} ${text}`;
+  $("notices").prepend(item);
+  while ($("notices").children.length > MAX_NOTICES) $("notices").lastElementChild.remove();
 }
 
 function setStatus(text, cls) {
@@ -101,7 +106,10 @@ function onReply(frame) {
   pending.delete(frame.id);
   if (frame.op === "subscribed") {
     if (frame.recovered === true) notice(`resumed ${frame.channel}: nothing lost`);
-    if (frame.recovered === false) notice(`could not resume ${frame.channel}: messages were lost`);
+    // recovered: false says the gap cannot be filled, not that anything was published in it.
+    if (frame.recovered === false) {
+      notice(`could not resume ${frame.channel}: anything published while disconnected is not in its history any more (reload its state)`);
+    }
     if (frame.epoch !== undefined && frame.recovered !== true) {
       positions.set(frame.channel, { offset: frame.offset, epoch: frame.epoch });
     }
