@@ -58,6 +58,7 @@ class Canary:
         self.subscribed = asyncio.Event()
         self.announced = False
         self.unheard = 0  # published while nobody could hear it (Redis down)
+        self.listened_until: float | None = None  # when the run stopped receiving
         self.window_start = 0  # index into rtts of the current report window
 
     async def run(self, stop: asyncio.Event) -> dict[str, Any]:
@@ -71,6 +72,10 @@ class Canary:
             tasks.append(asyncio.create_task(self.reporter()))
         await stop.wait()
         await asyncio.sleep(0)  # let the last replies in
+        # Nothing is received after this: the grace counts back from here, not from the
+        # report, which the closes below may delay by seconds (one message published just
+        # before the stop was once counted lost that way).
+        self.listened_until = time.monotonic()
         for task in tasks:
             task.cancel()
         # A task's last close may wait on a swamped replica: the report does not need it.
@@ -194,7 +199,7 @@ class Canary:
             print(json.dumps(line), flush=True)
 
     def report(self) -> dict[str, Any]:
-        cutoff = time.monotonic() - GRACE
+        cutoff = (self.listened_until or time.monotonic()) - GRACE
         expected = [n for n, at in self.published.items() if at < cutoff]
         lost = [n for n in expected if n not in self.received]
         return {

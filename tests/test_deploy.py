@@ -84,14 +84,18 @@ def test_compose_topology() -> None:
     grace = float(gateway["stop_grace_period"].rstrip("s"))
     assert grace > float(env["GATEWAY_DRAIN_SECONDS"]) + float(env["GATEWAY_CLOSE_TIMEOUT"])
     assert float(env["GATEWAY_SHUTDOWN_TIMEOUT"]) < grace
-    assert gateway["ulimits"]["nofile"]["soft"] >= 65536
+    # ${WSGATEWAY_NOFILE:-65536}: an engine that cannot grant it is told a lower number.
+    assert gateway["ulimits"]["nofile"]["soft"] == "${WSGATEWAY_NOFILE:-65536}"
     assert gateway["read_only"] is True
     Settings.model_validate(
         {k[len("GATEWAY_") :].lower(): v for k, v in env.items() if k.startswith("GATEWAY_")}
     )
     for name, service in services.items():
-        image = service.get("image", "")
-        assert image and not image.endswith(":latest") and ":" in image, name
+        # Every image can be pointed elsewhere (a mirror, the stand-ins); its default is pinned.
+        overridable = re.fullmatch(r"\$\{WSGATEWAY_\w*IMAGE:-([^}]+)\}", service.get("image", ""))
+        assert overridable, (name, service.get("image"))
+        default = overridable.group(1)
+        assert ":" in default and not default.endswith(":latest"), name
     mounts = " ".join(services["lb"]["volumes"])
     for conf in ("nginx.conf", "listen.conf", "upstreams.conf"):
         assert f"deploy/compose/nginx/{conf}" in mounts
@@ -278,6 +282,8 @@ def test_overlay_invariants(overlay: str) -> None:
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
     annotations = kinds["Ingress"][0]["metadata"]["annotations"]
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    # A draining replica's 503 sends the handshake to another one (as nginx does in compose).
+    assert "http_503" in annotations["nginx.ingress.kubernetes.io/proxy-next-upstream"].split()
     namespace = kinds["Namespace"][0]["metadata"]["labels"]
     assert namespace["pod-security.kubernetes.io/enforce"] == "restricted"
     redis_here = any(d["metadata"]["name"] == "redis" for d in kinds["Deployment"])

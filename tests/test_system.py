@@ -163,6 +163,11 @@ async def test_clients_spread_over_the_replicas_and_a_service_publish_reaches_ev
 ) -> None:
     replicas = stack.containers("gateway")
     assert len(replicas) == 3
+    for replica in replicas:  # as compose.yaml and the Dockerfile promise: non-root, read-only
+        config = stack.docker(
+            "inspect", "--format", "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}", replica
+        )
+        assert config.split() == ["10001:10001", "true"], config
     async with Subscribers(stack, "live.spread", 30) as subscribers:
         spread = await spread_over(stack, replicas, 30)
         assert min(spread.values()) >= 8, spread  # least_conn: about ten each
