@@ -85,6 +85,14 @@ class Authenticator:
         )
         return Identity(subject, access, float(claims["exp"]))
 
+    def refresh(self, subject: str, token: str) -> Identity:
+        """What a connection opened as ``subject`` becomes with ``token``: a valid token of
+        the same subject (its new rights and expiry); AuthError if refused."""
+        identity = self.authenticate(token)
+        if identity.subject != subject:
+            raise AuthError("the token is for another subject ('sub')")
+        return identity
+
 
 def _patterns(claims: dict[str, object], name: str) -> tuple[str, ...]:
     value = claims.get(name, [])

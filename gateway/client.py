@@ -21,11 +21,14 @@ gateway replays what it missed. When that is impossible (the gateway answers
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import itertools
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -37,7 +40,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from gateway.backoff import full_jitter
 from gateway.history import EMPTY_EPOCH
 
-__all__ = ["Client", "ClientError", "Message", "Resync"]
+__all__ = ["Client", "ClientError", "Event", "Message", "Resync", "Unsubscribed"]
 
 log = logging.getLogger("gateway.client")
 
@@ -67,7 +70,16 @@ class Resync:
     reason: str
 
 
-Event = Message | Resync
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    """The gateway took ``channel`` away: ``reason`` ``forbidden`` when a refreshed token no
+    longer allows it. The client does not subscribe to it again."""
+
+    channel: str
+    reason: str
+
+
+Event = Message | Resync | Unsubscribed
 
 
 class ClientError(Exception):
@@ -103,8 +115,13 @@ class Client:
         queue_size: int = 1024,
         open_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
+        refresh_before: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
+        """``token``: a JWT, or a callable (sync or async) that returns a fresh one; with a
+        callable, a connection sends a new token in-band (``refresh``) ``refresh_before``
+        seconds before the current one expires (at half its remaining life if that is
+        sooner), so it is never closed with 4001."""
         self.urls = [url] if isinstance(url, str) else list(url)
         self.channels: dict[str, None] = dict.fromkeys(channels)  # ordered set
         self.token = token
@@ -113,6 +130,7 @@ class Client:
         self.stable_after = stable_after
         self.open_timeout = open_timeout
         self.ping_interval = ping_interval
+        self.refresh_before = refresh_before
         self._rng = rng or random.Random()
         #: The last message received of each history channel: (offset, epoch).
         self.positions: dict[str, tuple[int, str]] = {}
@@ -192,20 +210,48 @@ class Client:
         ws = self._ws
         if ws is None:
             raise ConnectionError("not connected to the gateway")
+        payload = {"op": "publish", "channel": channel, "data": data}
+        answer = await self._request(ws, payload, timeout)
+        if answer.get("op") == "error":
+            raise ClientError(answer.get("code", "error"), answer.get("message", ""))
+
+    async def _request(
+        self, ws: ClientConnection, payload: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """Send a request with a fresh id; its reply (or ``error``) as a dict."""
         request_id = next(self._ids)
         reply = asyncio.get_running_loop().create_future()
         self._replies[request_id] = reply
         try:
-            payload = {"op": "publish", "channel": channel, "data": data, "id": request_id}
-            await ws.send(json.dumps(payload))
+            await ws.send(json.dumps({**payload, "id": request_id}))
             async with asyncio.timeout(timeout):
-                answer = await reply
+                answer: dict[str, Any] = await reply
+                return answer
         except ConnectionClosed as exc:
             raise ConnectionError(f"connection lost: {exc}") from None
         finally:
             self._replies.pop(request_id, None)
-        if answer.get("op") == "error":
-            raise ClientError(answer.get("code", "error"), answer.get("message", ""))
+
+    async def _refresher(self, ws: ClientConnection, token: str) -> None:
+        """Keep this connection's token fresh until the connection ends."""
+        expires_at = _expiry(token)
+        while expires_at is not None:
+            left = expires_at - time.time()
+            await asyncio.sleep(max(0.0, left - min(self.refresh_before, left / 2)))
+            try:
+                fresh = await self._token()
+                answer = await self._request(ws, {"op": "refresh", "token": fresh}, 10)
+            except (ConnectionError, TimeoutError):
+                return  # the connection is going; the next one starts with a fresh token
+            if answer.get("op") == "refreshed" and isinstance(answer.get("exp"), int | float):
+                expires_at = float(answer["exp"])
+                continue
+            # Refused (or no exp): try again shortly while the current token lasts; at its
+            # expiry the gateway closes with 4001 and the reconnect takes a new token.
+            log.warning("token refresh refused: %s", answer.get("message", answer))
+            await asyncio.sleep(max(0.5, min(5.0, (expires_at - time.time()) / 2)))
+            if time.time() >= expires_at:
+                return
 
     # The connection
 
@@ -217,8 +263,9 @@ class Client:
             opened_at: float | None = None
             try:
                 headers = {}
-                if self.token is not None:
-                    headers["Authorization"] = f"Bearer {await self._token()}"
+                token = await self._token() if self.token is not None else None
+                if token is not None:
+                    headers["Authorization"] = f"Bearer {token}"
                 async with connect(
                     url,
                     additional_headers=headers,
@@ -230,10 +277,17 @@ class Client:
                     self.connects += 1
                     self._ws = ws
                     self.connected.set()
-                    for channel in list(self.channels):
-                        await self._send_subscribe(ws, channel)
-                    async for frame in ws:
-                        await self._handle(ws, frame)
+                    refresher = None
+                    if token is not None and callable(self.token):
+                        refresher = asyncio.create_task(self._refresher(ws, token))
+                    try:
+                        for channel in list(self.channels):
+                            await self._send_subscribe(ws, channel)
+                        async for frame in ws:
+                            await self._handle(ws, frame)
+                    finally:
+                        if refresher is not None:
+                            refresher.cancel()
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in _FATAL_STATUS and not callable(self.token):
@@ -283,7 +337,13 @@ class Client:
                 await self._events.put(Resync(channel, "not_recovered"))
             if reply.get("epoch") is not None and reply.get("recovered") is not True:
                 self.positions[channel] = (reply["offset"], reply["epoch"])
-        elif op in ("published", "error") and reply.get("id") in self._replies:
+        elif op == "unsubscribed" and reply.get("reason") is not None:
+            # Not asked for: a refreshed token no longer allows the channel.
+            channel = reply["channel"]
+            self.channels.pop(channel, None)
+            self.positions.pop(channel, None)
+            await self._events.put(Unsubscribed(channel, reply["reason"]))
+        elif op in ("published", "refreshed", "error") and reply.get("id") in self._replies:
             future = self._replies[reply["id"]]
             if not future.done():
                 future.set_result(reply)
@@ -314,3 +374,15 @@ class Client:
                 channel, frame.get("data"), frame.get("mid", ""), frame.get("ts", 0), offset, epoch
             )
         )
+
+
+def _expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT, read without verifying it (the gateway verifies; the
+    client only needs to know when to refresh), or None."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None

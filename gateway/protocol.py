@@ -21,6 +21,7 @@ __all__ = [
     "Outbound",
     "Ping",
     "Publish",
+    "Refresh",
     "Request",
     "RequestError",
     "Since",
@@ -30,6 +31,7 @@ __all__ = [
     "message",
     "parse_channel_list",
     "parse_request",
+    "refreshed",
     "reply",
     "subscribed",
 ]
@@ -98,8 +100,15 @@ class Ping(msgspec.Struct, tag="ping", tag_field="op", frozen=True):
     id: RequestId | None = None
 
 
-Request = Subscribe | Unsubscribe | Publish | Ping
-OPS = ("subscribe", "unsubscribe", "publish", "ping")
+class Refresh(msgspec.Struct, tag="refresh", tag_field="op", frozen=True):
+    """A new token for this connection: same ``sub``, a later ``exp``, maybe other rights."""
+
+    token: str
+    id: RequestId | None = None
+
+
+Request = Subscribe | Unsubscribe | Publish | Ping | Refresh
+OPS = ("subscribe", "unsubscribe", "publish", "ping", "refresh")
 
 _request_decoder = msgspec.json.Decoder(Request)
 
@@ -141,6 +150,10 @@ def parse_request(text: str) -> Request:
         raise RequestError(ErrorCode.BAD_REQUEST, f"not valid JSON: {exc}") from None
     except RecursionError:
         raise RequestError(ErrorCode.BAD_REQUEST, "JSON nested too deeply") from None
+    if isinstance(request, Refresh):
+        if not request.token:
+            raise RequestError(ErrorCode.BAD_REQUEST, "token must not be empty", request.id)
+        return request
     if not isinstance(request, Ping) and not is_valid_channel(request.channel):
         raise RequestError(ErrorCode.BAD_REQUEST, _bad_channel(request.channel), request.id)
     if isinstance(request, Subscribe) and request.since and not is_valid_epoch(request.since.epoch):
@@ -218,6 +231,13 @@ class _Reply(msgspec.Struct, omit_defaults=True):
     op: str
     channel: str | None = None
     id: int | None = None
+    reason: str | None = None  # an unsubscribed the client did not ask for: why
+
+
+class _Refreshed(msgspec.Struct, omit_defaults=True):
+    op: str
+    id: int | None = None
+    exp: float | None = None
 
 
 class _Subscribed(msgspec.Struct, omit_defaults=True):
@@ -278,9 +298,18 @@ def subscribed(
     )
 
 
-def reply(op: str, request_id: int | None, channel: str | None = None) -> Outbound:
-    """``unsubscribed`` (with channel), ``published`` and ``pong``."""
-    return Outbound(_encode(_Reply(op, channel, request_id)))
+def reply(
+    op: str, request_id: int | None, channel: str | None = None, reason: str | None = None
+) -> Outbound:
+    """``unsubscribed`` (with channel; with a reason when the client did not ask for it),
+    ``published`` and ``pong``."""
+    return Outbound(_encode(_Reply(op, channel, request_id, reason)))
+
+
+def refreshed(request_id: int | None, expires_at: float | None) -> Outbound:
+    """The ``refreshed`` reply: the connection now lives until ``exp`` (unix seconds)."""
+    exp = int(expires_at) if expires_at is not None and expires_at.is_integer() else expires_at
+    return Outbound(_encode(_Refreshed("refreshed", request_id, exp)))
 
 
 def error(exc: RequestError) -> Outbound:

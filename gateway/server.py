@@ -40,12 +40,14 @@ from gateway.protocol import (
     ErrorCode,
     Ping,
     Publish,
+    Refresh,
     RequestError,
     Subscribe,
     Unsubscribe,
     error,
     parse_channel_list,
     parse_request,
+    refreshed,
     reply,
     subscribed,
 )
@@ -401,8 +403,30 @@ class Gateway:
                 await self._publish(session, request)
             elif isinstance(request, Ping):
                 session.send(reply("pong", request.id))
+            elif isinstance(request, Refresh):
+                await self._refresh(session, request)
         except RequestError as exc:
             session.send(error(exc))
+
+    async def _refresh(self, session: Session, request: Refresh) -> None:
+        """A new token in-band: same subject, new expiry and rights; the channels it no
+        longer allows are left, each told to the client. A refused token changes nothing:
+        the connection keeps its current token until that one expires (4001)."""
+        if session.subject is None:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, "this connection has no token to refresh", request.id
+            )
+        try:
+            identity = self.auth.refresh(session.subject, request.token)
+        except AuthError as exc:
+            self.stats.refreshes["refused"] += 1
+            raise RequestError(ErrorCode.FORBIDDEN, f"refresh refused: {exc}", request.id) from None
+        self.stats.refreshes["ok"] += 1
+        session.renew(identity)
+        for channel in sorted(c for c in session.channels if not identity.access.can_subscribe(c)):
+            await self.hub.unsubscribe(session, channel)
+            session.send(reply("unsubscribed", None, channel, reason="forbidden"))
+        session.send(refreshed(request.id, identity.expires_at))
 
     async def _subscribe(
         self,

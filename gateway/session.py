@@ -324,14 +324,24 @@ class Session:
         self._abort_handle: asyncio.TimerHandle | None = None
         self._expiry_handle: asyncio.TimerHandle | None = None
         self._more: asyncio.Handle | None = None  # the rest of a flush, on the next turn
-        if identity.expires_at is not None:  # unix time: the token's exp
-            self._expiry_handle = loop.call_later(
-                max(0.0, identity.expires_at - time.time()),
-                self.close,
-                Close.TOKEN_EXPIRED,
-                "token expired",
-            )
+        self._expire_at(identity.expires_at)
         connection.session = self
+
+    def _expire_at(self, expires_at: float | None) -> None:
+        """Close with 4001 at ``expires_at`` (the token's exp, unix time), if any."""
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+            self._expiry_handle = None
+        if expires_at is not None:
+            self._expiry_handle = asyncio.get_running_loop().call_later(
+                max(0.0, expires_at - time.time()), self.close, Close.TOKEN_EXPIRED, "token expired"
+            )
+
+    def renew(self, identity: Identity) -> None:
+        """A refreshed token: its rights and its expiry from now on (the caller checked that
+        it is the same subject)."""
+        self.access = identity.access
+        self._expire_at(identity.expires_at)
 
     @property
     def closing(self) -> bool:

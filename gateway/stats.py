@@ -33,6 +33,8 @@ class Stats:
     #: stream to fill a gap or an outage), duplicate (dropped), lost (gone from the stream
     #: before it could be read), unnumbered (a publisher that does not append).
     history: Counter[str] = field(default_factory=Counter)
+    #: In-band token refreshes, by result: ok, refused (invalid, expired, another subject).
+    refreshes: Counter[str] = field(default_factory=Counter)
     # Histogram recorders for the congested path, plugged in by the telemetry.
     record_queue_depth: Callable[[int], object] = field(default=lambda depth: None)
     record_latency: Callable[[float], object] = field(default=lambda seconds: None)

@@ -169,6 +169,8 @@ class Telemetry:
             (counter, "messages.shed", one(lambda: stats.shed), "{message}",
              "messages from the backplane dropped unread because fan-out could not keep up: "
              "the oldest of the busiest channels"),
+            (counter, "token.refreshes", by(lambda: stats.refreshes, "result"), "{refresh}",
+             "in-band token refreshes, by result: ok, refused"),
             (counter, "history", by(lambda: stats.history, "event"), "{message}",
              "history channel messages, by event: replayed, filled, duplicate, lost, "
              "unnumbered"),

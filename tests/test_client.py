@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from gateway.client import Client, ClientError, Message, Resync
+from gateway.client import Client, ClientError, Event, Message, Resync
 from tests.harness import GatewayFactory, async_wait_until, free_port
 
 
@@ -25,7 +25,7 @@ class Ceilings(random.Random):
         return b
 
 
-async def next_event(iterator: AsyncIterator[Message | Resync]) -> Message | Resync:
+async def next_event(iterator: AsyncIterator[Event]) -> Event:
     return await asyncio.wait_for(anext(iterator), 10)
 
 
@@ -97,7 +97,7 @@ async def test_close_ends_an_iteration_in_progress(gateway_factory: GatewayFacto
     client = Client(gateway.ws_url, ["news"])
     client.start()
     await client.connected.wait()
-    events: list[Message | Resync] = []
+    events: list[Event] = []
 
     async def consume() -> None:
         async for event in client:

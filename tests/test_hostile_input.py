@@ -124,8 +124,10 @@ channels = st.one_of(
 requests = st.fixed_dictionaries(
     {},
     optional={
-        "op": st.sampled_from(["subscribe", "unsubscribe", "publish", "ping"]) | json_values,
+        "op": st.sampled_from(["subscribe", "unsubscribe", "publish", "ping", "refresh"])
+        | json_values,
         "channel": channels | json_values,
+        "token": st.text(max_size=40) | json_values,
         "data": json_values,
         "id": st.integers() | json_values,
     },

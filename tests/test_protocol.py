@@ -13,6 +13,7 @@ from gateway.protocol import (
     ErrorCode,
     Ping,
     Publish,
+    Refresh,
     RequestError,
     Subscribe,
     Unsubscribe,
@@ -20,6 +21,7 @@ from gateway.protocol import (
     message,
     parse_channel_list,
     parse_request,
+    refreshed,
     reply,
 )
 from publisher.envelope import is_valid_channel
@@ -45,6 +47,7 @@ def parse_frame(data: bytes) -> Frame:
         ('{"op":"unsubscribe","channel":"news","id":2}', Unsubscribe("news", 2)),
         ('{"op":"ping","id":4}', Ping(4)),
         ('{"op":"ping"}', Ping(None)),
+        ('{"op":"refresh","token":"a.b.c","id":5}', Refresh("a.b.c", 5)),
         ('{"op":"subscribe","channel":"a-b_c.d:e@f/g"}', Subscribe("a-b_c.d:e@f/g", None)),
         ('{"id":7,"channel":"x","op":"subscribe","extra":true}', Subscribe("x", 7)),
     ],
@@ -86,6 +89,9 @@ def test_publish_keeps_data_bytes() -> None:
         ('{"op":"ping","id":1.5}', ErrorCode.BAD_REQUEST, None),
         ('{"op":"ping","id":true}', ErrorCode.BAD_REQUEST, None),
         ('{"op":"ping","id":9007199254740993}', ErrorCode.BAD_REQUEST, None),
+        ('{"op":"refresh","id":12}', ErrorCode.BAD_REQUEST, 12),
+        ('{"op":"refresh","token":"","id":13}', ErrorCode.BAD_REQUEST, 13),
+        ('{"op":"refresh","token":["a"],"id":14}', ErrorCode.BAD_REQUEST, 14),
     ],
 )
 def test_bad_requests(text: str, code: ErrorCode, request_id: int | None) -> None:
@@ -160,3 +166,10 @@ def test_frame_lengths(size: int) -> None:
 )
 def test_channel_names_may_carry_one_hash_tag(channel: str, valid: bool) -> None:
     assert is_valid_channel(channel) is valid
+
+
+def test_refresh_replies() -> None:
+    assert refreshed(5, 1767225600.0).text == b'{"op":"refreshed","id":5,"exp":1767225600}'
+    assert refreshed(None, 1767225600.5).text == b'{"op":"refreshed","exp":1767225600.5}'
+    taken = reply("unsubscribed", None, "user.alice.inbox", reason="forbidden").text
+    assert taken == b'{"op":"unsubscribed","channel":"user.alice.inbox","reason":"forbidden"}'

@@ -44,6 +44,7 @@ async def collect(client: Client, last: int) -> tuple[list[Message], list[Resync
         if isinstance(event, Resync):
             resyncs.append(event)
             continue
+        assert isinstance(event, Message), event
         messages.append(event)
         if event.data == last:
             return messages, resyncs

@@ -104,6 +104,7 @@ class Subscribers:
             if isinstance(event, Message):
                 subscriber.data.append(event.data)
             else:
+                assert isinstance(event, Resync), event
                 subscriber.resyncs.append(event)
 
     async def _watch(self) -> None:
