@@ -2,7 +2,8 @@
 
 With ``GATEWAY_JWT_SECRET`` (HS256) or ``GATEWAY_JWT_PUBLIC_KEY_FILE`` (RS256/ES256) set,
 every client needs a token; its claims ``channels`` and ``publish`` (lists of glob patterns)
-say where it may subscribe and publish. Without either, clients are anonymous and get the
+say where it may subscribe and publish, and ``subs`` (channel names) where it is subscribed
+at connect without asking. Without either, clients are anonymous and get the
 ``GATEWAY_ANONYMOUS_*`` patterns.
 """
 
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 import jwt
 
-from gateway.access import Access
+from gateway.access import Access, personal_channel
+from publisher.envelope import is_valid_channel
 
 __all__ = ["AuthError", "Authenticator", "Identity", "bearer_token"]
 
@@ -31,6 +33,7 @@ class Identity:
     subject: str | None  # None: anonymous
     access: Access
     expires_at: float | None = None  # unix seconds; the connection closes with 4001 then
+    subs: tuple[str, ...] = ()  # the token's server-side subscriptions, made at connect
 
 
 class Authenticator:
@@ -80,10 +83,16 @@ class Authenticator:
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise AuthError("invalid token: 'sub' must be a non-empty string")
+        subs = _patterns(claims, "subs")
+        if not all(is_valid_channel(channel) for channel in subs):
+            raise AuthError("invalid token: 'subs' must be a list of valid channel names")
+        own = personal_channel(subject)
         access = Access(
-            subscribe=_patterns(claims, "channels"), publish=_patterns(claims, "publish")
+            subscribe=_patterns(claims, "channels"),
+            publish=_patterns(claims, "publish"),
+            granted=frozenset(subs) | ({own} if own else set()),
         )
-        return Identity(subject, access, float(claims["exp"]))
+        return Identity(subject, access, float(claims["exp"]), subs)
 
     def refresh(self, subject: str, token: str) -> Identity:
         """What a connection opened as ``subject`` becomes with ``token``: a valid token of

@@ -15,6 +15,7 @@ import random
 import re
 import resource
 import weakref
+from collections import Counter
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -28,7 +29,7 @@ from websockets.protocol import OPEN
 from websockets.typing import Origin
 
 from gateway import demo
-from gateway.access import Access
+from gateway.access import Access, personal_channel
 from gateway.admission import Admission
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
 from gateway.backlog import Backlog
@@ -122,6 +123,9 @@ class Gateway:
         self._admitted: weakref.WeakKeyDictionary[
             ServerConnection, tuple[Identity, tuple[str, ...]]
         ] = weakref.WeakKeyDictionary()
+        #: Open connections per user (token sub), for GATEWAY_MAX_CONNECTIONS_PER_USER; a user
+        #: leaves the map with their last connection.
+        self._users: Counter[str] = Counter()
         self.congested: set[Session] = set()  # transports that filled up; the stall watch
         self.draining = False
         self.server: Server | None = None
@@ -261,8 +265,32 @@ class Gateway:
         except AuthError as exc:
             self.stats.refused["auth"] += 1
             return self._refuse(connection, http.HTTPStatus.UNAUTHORIZED, str(exc))
+        if self._over_user_limit(identity.subject):
+            self.stats.refused["user_limit"] += 1
+            return self._refuse(
+                connection,
+                http.HTTPStatus.TOO_MANY_REQUESTS,
+                "too many connections for this user on this replica",
+            )
+        # Put on without asking: the token's subs, then (if enabled) the personal channel.
+        personal = (
+            personal_channel(identity.subject) if self.settings.personal_channels == "on" else None
+        )
+        for channel in (*identity.subs, *([personal] if personal else [])):
+            if channel not in channels:
+                channels.append(channel)
         self._admitted[connection] = (identity, tuple(channels))
         return None
+
+    def _over_user_limit(self, subject: str | None) -> bool:
+        """Whether one more connection of ``subject`` would pass the per-user limit; those
+        still in their handshake count too (a bounded few: GATEWAY_MAX_HANDSHAKES)."""
+        limit = self.settings.max_connections_per_user
+        if subject is None or not limit:
+            return False
+        held = self._users[subject]
+        opening = sum(1 for identity, _ in self._admitted.values() if identity.subject == subject)
+        return held + opening >= limit
 
     def _process_response(
         self, connection: ServerConnection, request: Request, response: Response
@@ -315,6 +343,8 @@ class Gateway:
         assert isinstance(connection, SessionConnection)
         identity, initial_channels = self._admitted.pop(connection)
         session = Session(connection, identity, self.stats, self.limits)
+        if identity.subject is not None:
+            self._users[identity.subject] += 1
         # Nothing of the handshake is needed any more, but the library keeps both objects
         # (it tells the handshake from later frames by `request` being set): empty their
         # headers, about 3 KiB a client.
@@ -349,6 +379,10 @@ class Gateway:
             if not self.sessions:
                 self._all_closed.set()
             self.stats.connections_open -= 1
+            if identity.subject is not None:
+                self._users[identity.subject] -= 1
+                if not self._users[identity.subject]:
+                    del self._users[identity.subject]
             self._count_close(session)
             session.finish()
 

@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         10000, ge=1, description="connections per replica; beyond it the handshake gets HTTP 503"
     )
+    max_connections_per_user: int = Field(
+        100,
+        ge=0,
+        description="connections one user (a token's sub) may hold on one replica; beyond it "
+        "the handshake gets HTTP 429; 0: no limit",
+    )
     max_handshakes: int = Field(
         1000,
         ge=1,
@@ -190,6 +196,11 @@ class Settings(BaseSettings):
         "",
         description="comma-separated glob patterns anonymous clients may publish to from the "
         "socket; empty: client publishing is off",
+    )
+    personal_channels: Literal["on", "off"] = Field(
+        "off",
+        description="on: every connection with a token is subscribed at connect to its user's "
+        "personal channel @<sub>, which no one else may subscribe to (that rule holds either way)",
     )
     jwt_secret: SecretStr | None = Field(
         None, description="HS256 secret; set it (or the public key file) and tokens are required"
@@ -256,6 +267,7 @@ class Settings(BaseSettings):
         "log_format",
         "metrics",
         "demo_page",
+        "personal_channels",
         "slow_consumer_policy",
         "compression",
         mode="before",

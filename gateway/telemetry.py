@@ -156,8 +156,8 @@ class Telemetry:
              "client connections closed, by close code and reason (client, slow_consumer, "
              "drain, rate_limit, auth, protocol, limit, error)"),
             (counter, "handshakes.refused", by(lambda: stats.refused, "reason"), "{handshake}",
-             "sockets and handshakes refused, by reason (capacity, auth, descriptors, "
-             "handshakes, headers, malformed)"),
+             "sockets and handshakes refused, by reason (capacity, auth, user_limit, "
+             "descriptors, handshakes, headers, malformed)"),
             (up_down, "handshakes.open", one(lambda: admission.handshakes), "{handshake}",
              "sockets still in their opening handshake"),
             (up_down, "sockets.open", one(lambda: admission.sockets), "{socket}",
