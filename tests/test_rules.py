@@ -8,7 +8,7 @@ import time
 import jwt
 import pytest
 
-from gateway.access import Access
+from gateway.access import Access, personal_channel
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
 from gateway.backoff import full_jitter
 from gateway.ratelimit import TokenBucket
@@ -74,10 +74,37 @@ def test_authenticator_reads_claims() -> None:
     auth = Authenticator(secret=SECRET, anonymous=Access(subscribe=("*",)))
     identity = auth.authenticate(hs_token(channels=["a.*"], publish="chat"))
     assert identity.subject == "alice"
-    assert identity.access == Access(subscribe=("a.*",), publish=("chat",))
+    own = frozenset({"@alice"})  # the user's personal channel is always theirs
+    assert identity.access == Access(subscribe=("a.*",), publish=("chat",), granted=own)
     assert identity.expires_at is not None and identity.expires_at > time.time()
     # No channels claim: nothing, not the anonymous patterns.
-    assert auth.authenticate(hs_token()).access == Access(subscribe=(), publish=())
+    assert auth.authenticate(hs_token()).access == Access(subscribe=(), publish=(), granted=own)
+    # subs: channels granted by name, made at connect.
+    with_subs = auth.authenticate(hs_token(subs=["room.7"]))
+    assert with_subs.subs == ("room.7",)
+    assert with_subs.access.granted == own | {"room.7"}
+
+
+def test_personal_channels_and_granted_names() -> None:
+    assert personal_channel("alice") == "@alice"
+    assert personal_channel(None) is None
+    assert personal_channel("has space") is None  # not a channel name: no personal channel
+    assert personal_channel("x" * 127) == "@" + "x" * 127
+    assert personal_channel("x" * 128) is None
+    everything = Access(subscribe=("*",), granted=frozenset({"@alice", "room.7"}))
+    assert everything.can_subscribe("@alice") and everything.can_subscribe("room.7")
+    assert not everything.can_subscribe("@bob")  # "*" never reaches another's
+    assert everything.can_subscribe("news")
+    assert Access(subscribe=(), granted=frozenset({"room.7"})).can_subscribe("room.7")
+
+
+def test_a_refresh_must_name_the_same_subject() -> None:
+    auth = Authenticator(secret=SECRET, anonymous=Access(subscribe=("*",)))
+    assert auth.refresh("alice", hs_token(channels=["x"])).access.subscribe == ("x",)
+    with pytest.raises(AuthError, match="another subject"):
+        auth.refresh("bob", hs_token())
+    with pytest.raises(AuthError, match="invalid token"):
+        auth.refresh("alice", "garbage")
 
 
 @pytest.mark.parametrize(
