@@ -27,6 +27,12 @@ from tests.stack import REQUIRED, Stack, unavailable
 
 pytestmark = pytest.mark.timeout(600)
 
+#: Checked once, when the module is collected (cheap: no image is pulled here), so that a
+#: machine without Docker gets one skip line for the module, not one per test.
+UNAVAILABLE = unavailable()
+if UNAVAILABLE is not None and not REQUIRED:
+    pytest.skip(f"system test not run: {UNAVAILABLE}", allow_module_level=True)
+
 
 def _cannot_run(reason: str) -> None:
     if REQUIRED:
@@ -36,9 +42,8 @@ def _cannot_run(reason: str) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    reason = unavailable()
-    if reason is not None:
-        _cannot_run(reason)
+    if UNAVAILABLE is not None:  # only when required: a failure, at each test
+        _cannot_run(UNAVAILABLE)
     stack = Stack(f"wsgateway-system-{uuid.uuid4().hex[:8]}")
     reason = stack.images_missing()
     if reason is not None:
