@@ -119,7 +119,7 @@ json_values = st.recursive(
 channels = st.one_of(
     st.text(max_size=140),
     st.from_regex(r"[A-Za-z0-9_.:@/\-{}]{1,128}", fullmatch=True),  # braces valid only as a tag
-    st.sampled_from(["sentinel", "pub.x", "news", "", "a b", "x" * 129]),
+    st.sampled_from(["sentinel", "pub.x", "news", "", "a b", "x" * 129, "@alice", "@"]),
 )
 requests = st.fixed_dictionaries(
     {},
@@ -172,7 +172,15 @@ def test_arbitrary_channel_names(replica: Replica, channel: str) -> None:
             and tag_ok
             and all(c.isascii() and (c.isalnum() or c in "_.:@/-") for c in plain)
         )
-        assert answer["op"] == ("subscribed" if valid else "error"), (channel, answer)
+        # A valid name starting with "@" is someone's personal channel: never an anonymous
+        # client's (docs/protocol.md), so refused as forbidden rather than as bad_request.
+        personal = valid and channel.startswith("@")
+        assert answer["op"] == ("subscribed" if valid and not personal else "error"), (
+            channel,
+            answer,
+        )
+        if answer["op"] == "error":
+            assert answer["code"] == ("forbidden" if personal else "bad_request"), (channel, answer)
         assert answer["id"] == 1
     replica.check()
 
