@@ -34,6 +34,7 @@ class Identity:
     access: Access
     expires_at: float | None = None  # unix seconds; the connection closes with 4001 then
     subs: tuple[str, ...] = ()  # the token's server-side subscriptions, made at connect
+    personal: str | None = None  # the user's personal channel, if ``sub`` makes one
 
 
 class Authenticator:
@@ -92,7 +93,7 @@ class Authenticator:
             publish=_patterns(claims, "publish"),
             granted=frozenset(subs) | ({own} if own else set()),
         )
-        return Identity(subject, access, float(claims["exp"]), subs)
+        return Identity(subject, access, float(claims["exp"]), subs, own)
 
     def refresh(self, subject: str, token: str) -> Identity:
         """What a connection opened as ``subject`` becomes with ``token``: a valid token of

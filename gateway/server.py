@@ -29,7 +29,7 @@ from websockets.protocol import OPEN
 from websockets.typing import Origin
 
 from gateway import demo
-from gateway.access import Access, personal_channel
+from gateway.access import Access
 from gateway.admission import Admission
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
 from gateway.backlog import Backlog
@@ -273,9 +273,7 @@ class Gateway:
                 "too many connections for this user on this replica",
             )
         # Put on without asking: the token's subs, then (if enabled) the personal channel.
-        personal = (
-            personal_channel(identity.subject) if self.settings.personal_channels == "on" else None
-        )
+        personal = identity.personal if self.settings.personal_channels == "on" else None
         for channel in (*identity.subs, *([personal] if personal else [])):
             if channel not in channels:
                 channels.append(channel)
