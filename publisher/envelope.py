@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
+import msgspec
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -207,7 +208,18 @@ _envelope_adapter: TypeAdapter[EnvelopeV1 | EnvelopeV2] = TypeAdapter(Envelope)
 
 
 def parse_envelope(payload: bytes | str, *, strict: bool = False) -> EnvelopeV1 | EnvelopeV2:
-    """Validate an encoded envelope of either version (raises pydantic's ValidationError)."""
+    """Validate an encoded envelope of either version (raises pydantic's ValidationError).
+
+    The text must be JSON as RFC 8259 defines it, as the gateway reads it: pydantic's parser
+    also takes NaN and Infinity, even in a field the version ignores.
+    """
+    try:
+        msgspec.json.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise ValidationError.from_exception_data(
+            "Envelope",
+            [{"type": "json_invalid", "loc": (), "input": payload, "ctx": {"error": str(exc)}}],
+        ) from None
     return _envelope_adapter.validate_json(payload, strict=strict)
 
 

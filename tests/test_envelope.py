@@ -117,6 +117,18 @@ def test_version_1_ignores_a_position_like_any_unknown_field() -> None:
     assert parse_envelope(payload, strict=True).v == 1
 
 
+@pytest.mark.parametrize(
+    "field", ['"epoch":Infinity', '"future":NaN', '"data":-Infinity', '"data":{"a":[NaN]}']
+)
+def test_both_readers_refuse_what_is_not_json(field: str) -> None:
+    """NaN and Infinity are not JSON, even in a field the version ignores (found by hypothesis)."""
+    payload = b'{"v":1,"channel":"news","data":1,"mid":"m","ts":5,%s}' % field.encode()
+    with pytest.raises(MalformedEnvelope):
+        decode_envelope(payload, "news")
+    with pytest.raises(ValidationError):
+        parse_envelope(payload, strict=True)
+
+
 def test_decode_ignores_unknown_fields() -> None:
     envelope = decode_envelope(json.dumps({**GOOD, "future": [1]}).encode(), "news")
     assert bytes(envelope.data) == b'{"a": 1}'
