@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jwt
+import msgspec
 
 from gateway.access import Access, personal_channel
 from publisher.envelope import is_valid_channel
@@ -22,6 +23,10 @@ __all__ = ["AuthError", "Authenticator", "Identity", "bearer_token"]
 #: public key as the secret).
 SECRET_ALGORITHMS = ("HS256",)
 PUBLIC_KEY_ALGORITHMS = ("RS256", "ES256")
+
+
+#: The largest ``info`` claim, encoded: it is stored and sent with every presence entry.
+MAX_INFO_BYTES = 1024
 
 
 class AuthError(Exception):
@@ -35,6 +40,7 @@ class Identity:
     expires_at: float | None = None  # unix seconds; the connection closes with 4001 then
     subs: tuple[str, ...] = ()  # the token's server-side subscriptions, made at connect
     personal: str | None = None  # the user's personal channel, if ``sub`` makes one
+    info: bytes | None = None  # the token's public ``info`` claim, as JSON, shown in presence
 
 
 class Authenticator:
@@ -92,8 +98,14 @@ class Authenticator:
             subscribe=_patterns(claims, "channels"),
             publish=_patterns(claims, "publish"),
             granted=frozenset(subs) | ({own} if own else set()),
+            presence=_patterns(claims, "presence"),
         )
-        return Identity(subject, access, float(claims["exp"]), subs, own)
+        info = None
+        if "info" in claims:
+            info = msgspec.json.encode(claims["info"])
+            if len(info) > MAX_INFO_BYTES:
+                raise AuthError(f"invalid token: 'info' is over {MAX_INFO_BYTES} bytes as JSON")
+        return Identity(subject, access, float(claims["exp"]), subs, own, info)
 
     def refresh(self, subject: str, token: str) -> Identity:
         """What a connection opened as ``subject`` becomes with ``token``: a valid token of

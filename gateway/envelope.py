@@ -21,7 +21,7 @@ from publisher.envelope import (
     is_valid_traceparent,
 )
 
-__all__ = ["MAX_BYTES", "Envelope", "MalformedEnvelope", "decode_envelope"]
+__all__ = ["EVENTS", "MAX_BYTES", "Envelope", "MalformedEnvelope", "decode_envelope"]
 
 #: The largest envelope the gateway takes by default: the publishers' limit, plus room for
 #: the offset and epoch a history append adds.
@@ -40,6 +40,12 @@ class Envelope(msgspec.Struct, frozen=True):
     #: The message's place in its history channel (version 2 only), else None.
     offset: int | None = None
     epoch: str | None = None
+    #: A replica's join or leave event (gateway.presence): ``data`` lists the members.
+    event: str | None = None
+
+
+#: What ``event`` may say. Publishers never set it: replicas do, for presence.
+EVENTS = ("join", "leave")
 
 
 class _Wire(msgspec.Struct):
@@ -55,6 +61,7 @@ class _Wire(msgspec.Struct):
     # Version 2 only; left raw so that a version 1 envelope ignores them whatever they hold,
     # as the contract says of fields a version does not know.
     # (An empty Raw is an absent field: msgspec cannot decode a Raw inside an Optional.)
+    event: str | None = None
     offset: msgspec.Raw = msgspec.Raw(b"")
     epoch: msgspec.Raw = msgspec.Raw(b"")
 
@@ -105,6 +112,8 @@ def decode_envelope(payload: bytes, channel: str, max_bytes: int = MAX_BYTES) ->
         raise MalformedEnvelope("schema", "mid must be 1 to 128 printable ASCII characters")
     if wire.traceparent is not None and not is_valid_traceparent(wire.traceparent):
         raise MalformedEnvelope("schema", "traceparent is not a W3C traceparent")
+    if wire.event is not None and wire.event not in EVENTS:
+        raise MalformedEnvelope("schema", "event must be join or leave")
     offset = epoch = None
     if wire.v == 2:
         if not wire.offset or not wire.epoch:
@@ -124,4 +133,5 @@ def decode_envelope(payload: bytes, channel: str, max_bytes: int = MAX_BYTES) ->
         wire.tracestate,
         offset,
         epoch,
+        wire.event,
     )

@@ -200,6 +200,18 @@ class Hub:
         self.backplane.on_resume = self._resume
         self._channels: dict[str, _Channel] = {}
         self._malformed_log = Throttle()
+        #: The replica's own channels (no client can subscribe there): what arrives on them
+        #: goes to their listener, not to fan-out.
+        self.listeners: dict[str, Callable[[bytes], None]] = {}
+        #: Told of each session that joins or leaves a channel (presence).
+        self.on_joined: Callable[[Session, str], None] | None = None
+        self.on_left: Callable[[Session, str], None] | None = None
+
+    def listen(self, channel: str, listener: Callable[[bytes], None]) -> None:
+        """Hand what arrives on ``channel`` to ``listener``, from the backplane's first
+        connection on (call before the backplane starts)."""
+        self.listeners[channel] = listener
+        self.backplane.keep(channel)
 
     @property
     def channels(self) -> int:
@@ -218,6 +230,10 @@ class Hub:
         self.stats.messages_received += 1
         local = self._channels.get(channel)
         if local is None or not local.active:
+            # Only here, off the fan-out path: the replica's own channels have no subscribers.
+            listener = self.listeners.get(channel) if local is None else None
+            if listener is not None:
+                listener(payload)
             return
         backlog = self._backlog
         dropped = backlog.dropped
@@ -255,7 +271,7 @@ class Hub:
         envelope = self._decode(channel, payload)
         if envelope is None:
             return
-        if local.cursor is None:
+        if local.cursor is None or envelope.event is not None:  # events are never numbered
             self._accept(local, envelope)
         elif local.held is not None:
             local.held.append(envelope)  # a gap is being filled: these come after it
@@ -447,6 +463,16 @@ class Hub:
     async def subscribe(
         self, session: Session, channel: str, since: tuple[int, str] | None = None
     ) -> Joined | None:
+        """:meth:`_subscribe`, then tell :attr:`on_joined` of a session new on the channel."""
+        already = channel in session.channels
+        joined = await self._subscribe(session, channel, since)
+        if not already and channel in session.channels and self.on_joined is not None:
+            self.on_joined(session, channel)
+        return joined
+
+    async def _subscribe(
+        self, session: Session, channel: str, since: tuple[int, str] | None = None
+    ) -> Joined | None:
         """Add ``session`` to ``channel``; return once messages published from now on reach it.
 
         On a history channel, return where the session starts and the messages it missed
@@ -579,6 +605,8 @@ class Hub:
         if channel not in session.channels:
             return False
         session.channels.discard(channel)
+        if self.on_left is not None:
+            self.on_left(session, channel)
         local = self._channels.get(channel)
         if local is not None:
             local.members.pop(session, None)

@@ -20,6 +20,8 @@ __all__ = [
     "ErrorCode",
     "Outbound",
     "Ping",
+    "PresenceRequest",
+    "PresenceStats",
     "Publish",
     "Refresh",
     "Request",
@@ -31,6 +33,8 @@ __all__ = [
     "message",
     "parse_channel_list",
     "parse_request",
+    "presence",
+    "presence_stats",
     "refreshed",
     "reply",
     "subscribed",
@@ -107,8 +111,23 @@ class Refresh(msgspec.Struct, tag="refresh", tag_field="op", frozen=True):
     id: RequestId | None = None
 
 
-Request = Subscribe | Unsubscribe | Publish | Ping | Refresh
-OPS = ("subscribe", "unsubscribe", "publish", "ping", "refresh")
+class PresenceRequest(msgspec.Struct, tag="presence", tag_field="op", frozen=True):
+    """A page of who is on ``channel``: from ``cursor`` (``"0"``: the start), about
+    ``limit`` members (at most the replica's presence page)."""
+
+    channel: str
+    id: RequestId | None = None
+    cursor: Annotated[str, msgspec.Meta(max_length=64, pattern="^[0-9]+$")] = "0"
+    limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class PresenceStats(msgspec.Struct, tag="presence_stats", tag_field="op", frozen=True):
+    channel: str
+    id: RequestId | None = None
+
+
+Request = Subscribe | Unsubscribe | Publish | Ping | Refresh | PresenceRequest | PresenceStats
+OPS = ("subscribe", "unsubscribe", "publish", "ping", "refresh", "presence", "presence_stats")
 
 _request_decoder = msgspec.json.Decoder(Request)
 
@@ -227,6 +246,28 @@ class _HistoryMessage(msgspec.Struct):
     epoch: str
 
 
+class _Event(msgspec.Struct):
+    op: str
+    channel: str
+    members: msgspec.Raw
+
+
+class _Presence(msgspec.Struct):
+    op: str
+    channel: str
+    id: int | None
+    members: msgspec.Raw
+    cursor: str
+
+
+class _PresenceStats(msgspec.Struct):
+    op: str
+    channel: str
+    id: int | None
+    clients: int
+    users: int
+
+
 class _Reply(msgspec.Struct, omit_defaults=True):
     op: str
     channel: str | None = None
@@ -262,8 +303,11 @@ _encode = msgspec.json.encode
 def message(envelope: Envelope) -> Outbound:
     """The ``message`` frame for an envelope; ``data`` is copied byte for byte.
 
-    A history channel's message carries its ``offset`` and ``epoch``.
+    A history channel's message carries its ``offset`` and ``epoch``; a replica's presence
+    event is a ``join`` or ``leave`` frame listing the members.
     """
+    if envelope.event is not None:
+        return Outbound(_encode(_Event(envelope.event, envelope.channel, envelope.data)))
     if envelope.offset is None or envelope.epoch is None:
         return Outbound(
             _encode(
@@ -310,6 +354,20 @@ def refreshed(request_id: int | None, expires_at: float | None) -> Outbound:
     """The ``refreshed`` reply: the connection now lives until ``exp`` (unix seconds)."""
     exp = int(expires_at) if expires_at is not None and expires_at.is_integer() else expires_at
     return Outbound(_encode(_Refreshed("refreshed", request_id, exp)))
+
+
+def presence(channel: str, request_id: int | None, members: bytes, cursor: str) -> Outbound:
+    """A page of members (a JSON array of entries) and where the next one starts ('0': no
+    more)."""
+    return Outbound(
+        _encode(_Presence("presence", channel, request_id, msgspec.Raw(members), cursor))
+    )
+
+
+def presence_stats(channel: str, request_id: int | None, clients: int, users: int) -> Outbound:
+    return Outbound(
+        _encode(_PresenceStats("presence_stats", channel, request_id, clients, users))
+    )
 
 
 def error(exc: RequestError) -> Outbound:

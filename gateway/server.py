@@ -11,11 +11,13 @@ import contextlib
 import functools
 import http
 import logging
+import os
 import random
 import re
 import resource
+import socket
+import uuid
 import weakref
-from collections import Counter
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -34,12 +36,16 @@ from gateway.admission import Admission
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
 from gateway.backlog import Backlog
 from gateway.backplane import BackplaneUnavailable, create_backplane
+from gateway.control import Control
 from gateway.history import ReadLimit
 from gateway.hub import Hub
+from gateway.presence import Presence
 from gateway.protocol import (
     Close,
     ErrorCode,
     Ping,
+    PresenceRequest,
+    PresenceStats,
     Publish,
     Refresh,
     RequestError,
@@ -48,6 +54,8 @@ from gateway.protocol import (
     error,
     parse_channel_list,
     parse_request,
+    presence,
+    presence_stats,
     refreshed,
     reply,
     subscribed,
@@ -57,6 +65,8 @@ from gateway.settings import Settings
 from gateway.stats import Stats
 from gateway.telemetry import Telemetry
 from gateway.throttle import Throttle
+from gateway.users import Users
+from publisher.control import CONTROL_CHANNEL
 from publisher.envelope import EnvelopeError, build_envelope
 
 __all__ = ["Gateway"]
@@ -82,6 +92,9 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.stats = Stats()
+        #: Names this replica in acknowledgements (and logs): the host (a pod's name on
+        #: Kubernetes), the process, and a few random characters for replicas in one process.
+        self.name = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
         self.telemetry = Telemetry(
             prometheus=settings.metrics == "on",
             meter_provider=meter_provider,
@@ -123,9 +136,30 @@ class Gateway:
         self._admitted: weakref.WeakKeyDictionary[
             ServerConnection, tuple[Identity, tuple[str, ...]]
         ] = weakref.WeakKeyDictionary()
-        #: Open connections per user (token sub), for GATEWAY_MAX_CONNECTIONS_PER_USER; a user
-        #: leaves the map with their last connection.
-        self._users: Counter[str] = Counter()
+        #: Open connections by user (token sub): the per-user limit, control requests.
+        self.users: Users[Session] = Users()
+        self.control = Control(
+            self.name,
+            self.users,
+            self.hub.backplane,
+            self._subscribe,
+            self.hub.unsubscribe,
+            self.stats,
+            self.telemetry,
+        )
+        self.hub.listen(CONTROL_CHANNEL, self.control.receive)
+        self.presence = Presence(self.name, self.hub.backplane, settings.presence(), self.stats)
+        self.hub.on_joined = self.presence.joined
+        self.hub.on_left = self.presence.left
+        backplane = self.hub.backplane
+        resume_hub = backplane.on_resume
+
+        def resumed() -> None:
+            if resume_hub is not None:
+                resume_hub()
+            self.presence.resumed()
+
+        backplane.on_resume = resumed
         self.congested: set[Session] = set()  # transports that filled up; the stall watch
         self.draining = False
         self.server: Server | None = None
@@ -196,6 +230,9 @@ class Gateway:
             backlog=LISTEN_BACKLOG,
         )
         self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
+        self._tasks.append(asyncio.create_task(self.control.serve(), name="control"))
+        if self.presence.policy.patterns:
+            self._tasks.append(asyncio.create_task(self.presence.serve(), name="presence"))
 
     def _log_capacity(self) -> None:
         s = self.settings
@@ -286,7 +323,7 @@ class Gateway:
         limit = self.settings.max_connections_per_user
         if subject is None or not limit:
             return False
-        held = self._users[subject]
+        held = self.users.count(subject)
         opening = sum(1 for identity, _ in self._admitted.values() if identity.subject == subject)
         return held + opening >= limit
 
@@ -341,8 +378,7 @@ class Gateway:
         assert isinstance(connection, SessionConnection)
         identity, initial_channels = self._admitted.pop(connection)
         session = Session(connection, identity, self.stats, self.limits)
-        if identity.subject is not None:
-            self._users[identity.subject] += 1
+        self.users.add(session)
         # Nothing of the handshake is needed any more, but the library keeps both objects
         # (it tells the handshake from later frames by `request` being set): empty their
         # headers, about 3 KiB a client.
@@ -377,17 +413,15 @@ class Gateway:
             if not self.sessions:
                 self._all_closed.set()
             self.stats.connections_open -= 1
-            if identity.subject is not None:
-                self._users[identity.subject] -= 1
-                if not self._users[identity.subject]:
-                    del self._users[identity.subject]
+            self.users.discard(session)
             self._count_close(session)
             session.finish()
 
     def _count_close(self, session: Session) -> None:
         connection = session.connection
         if session.close_code is not None:
-            code, reason = session.close_code, _close_reason(session.close_code)
+            code = session.close_code
+            reason = session.close_cause or _close_reason(code)
         else:
             # Closed by the library (1009 too big, 1007 not UTF-8, 1002), by the client, or by
             # the network (1006). The code is the first close frame's: the library's when it
@@ -437,6 +471,8 @@ class Gateway:
                 session.send(reply("pong", request.id))
             elif isinstance(request, Refresh):
                 await self._refresh(session, request)
+            elif isinstance(request, PresenceRequest | PresenceStats):
+                await self._presence(session, request)
         except RequestError as exc:
             session.send(error(exc))
 
@@ -455,16 +491,37 @@ class Gateway:
             raise RequestError(ErrorCode.FORBIDDEN, f"refresh refused: {exc}", request.id) from None
         self.stats.refreshes["ok"] += 1
         session.renew(identity)
-        for channel in sorted(c for c in session.channels if not identity.access.can_subscribe(c)):
+        for channel in sorted(c for c in session.channels if not session.access.can_subscribe(c)):
             await self.hub.unsubscribe(session, channel)
             session.send(reply("unsubscribed", None, channel, reason="forbidden"))
         session.send(refreshed(request.id, identity.expires_at))
+
+    async def _presence(self, session: Session, request: PresenceRequest | PresenceStats) -> None:
+        channel = request.channel
+        if not self.presence.policy.applies(channel):
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, f"channel {channel!r} has no presence", request.id
+            )
+        if not session.access.can_read_presence(channel):
+            raise RequestError(
+                ErrorCode.FORBIDDEN, f"not allowed to read the presence of {channel!r}", request.id
+            )
+        try:
+            if isinstance(request, PresenceStats):
+                clients, users = await self.presence.stats_of(channel)
+                session.send(presence_stats(channel, request.id, clients, users))
+                return
+            limit = min(request.limit or self.presence.policy.page, self.presence.policy.page)
+            cursor, members = await self.presence.page(channel, request.cursor, limit)
+        except BackplaneUnavailable as exc:
+            raise RequestError(ErrorCode.UNAVAILABLE, str(exc), request.id) from None
+        session.send(presence(channel, request.id, members, cursor))
 
     async def _subscribe(
         self,
         session: Session,
         channel: str,
-        request_id: int | None,
+        request_id: int | None = None,
         since: tuple[int, str] | None = None,
     ) -> None:
         if not session.access.can_subscribe(channel):
@@ -587,6 +644,8 @@ class Gateway:
                 session.abort()
         for task in self._tasks:
             task.cancel()
+        if self.presence.policy.patterns:
+            await self.presence.stop()
         if self.server is not None:
             self.server.close(close_connections=False)
             with contextlib.suppress(TimeoutError):
@@ -638,6 +697,7 @@ def _authenticator(settings: Settings) -> Authenticator:
     anonymous = Access(
         subscribe=settings.patterns(settings.anonymous_channels),
         publish=settings.patterns(settings.anonymous_publish),
+        presence=settings.patterns(settings.anonymous_presence),
     )
     return Authenticator(
         secret=settings.jwt_secret.get_secret_value() if settings.jwt_secret else None,

@@ -279,12 +279,14 @@ class Session:
         "access",
         "bucket",
         "channels",
+        "close_cause",
         "close_code",
         "close_reason",
         "congested_at",
         "connection",
         "deaf",
         "direct",
+        "info",
         "limits",
         "outbox",
         "ping_due",
@@ -298,6 +300,7 @@ class Session:
     ) -> None:
         self.connection = connection
         self.subject = identity.subject
+        self.info = identity.info  # shown in presence entries
         self.access: Access = identity.access
         self.stats = stats
         self.limits = limits
@@ -311,6 +314,9 @@ class Session:
         self._raw = not connection.protocol.extensions
         self.close_code: int | None = None
         self.close_reason = ""
+        #: Why the replica closed it, for the close metric when the code does not say
+        #: (a service's disconnect can use any code); None: the code says.
+        self.close_cause: str | None = None
         self.congested_at: float | None = None  # loop time the transport last filled up
         self.deaf = False  # closed for flooding: its socket is no longer read
         #: The transport's write while frames may go straight to it (uncompressed, OPEN, not
@@ -340,7 +346,7 @@ class Session:
     def renew(self, identity: Identity) -> None:
         """A refreshed token: its rights and its expiry from now on (the caller checked that
         it is the same subject)."""
-        self.access = identity.access
+        self.access = identity.access.keeping_placed(self.access)
         self._expire_at(identity.expires_at)
 
     @property
@@ -506,7 +512,14 @@ class Session:
             self._abort_handle.cancel()
         self._abort_handle = self.connection.loop.call_later(grace, self.abort)
 
-    def close(self, code: int, reason: str = "", *, abort_after: float | None = None) -> None:
+    def close(
+        self,
+        code: int,
+        reason: str = "",
+        *,
+        abort_after: float | None = None,
+        cause: str | None = None,
+    ) -> None:
         """Start the closing handshake without waiting; reset the connection if it stalls.
 
         ``abort_after`` defaults to ``close_timeout``; 0 resets the connection at once (for a
@@ -517,6 +530,7 @@ class Session:
         self.direct = None
         self.close_code = code
         self.close_reason = reason
+        self.close_cause = cause
         if self.outbox:
             # The client will never read these: free them now.
             self.stats.drops[(self.limits.policy, "closed")] += self.outbox.clear()

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.envelope import MAX_BYTES
 from publisher.history import HistoryPolicy
+from publisher.presence import PresencePolicy
 
 __all__ = ["ENV_PREFIX", "Settings", "SlowConsumerPolicy"]
 
@@ -237,6 +238,45 @@ class Settings(BaseSettings):
         description="seconds a silent history channel keeps its stream and epoch; after that "
         "its offsets restart in a new epoch",
     )
+    presence_channels: str = Field(
+        "",
+        description="comma-separated glob patterns of channels that keep presence: who is "
+        "subscribed, across replicas, read with the presence and presence_stats ops",
+    )
+    join_leave_channels: str = Field(
+        "",
+        description="comma-separated glob patterns of channels whose subscribers get join and "
+        "leave frames; only channels with presence too (the leaves of a crashed replica's "
+        "clients come from it)",
+    )
+    presence_ttl: Seconds = Field(
+        60.0,
+        description="seconds a presence entry lives unless its replica renews it (every third "
+        "of it); must exceed three presence leases",
+    )
+    presence_lease: Seconds = Field(
+        10.0,
+        description="seconds a replica's lease lives unless renewed (every third of it): the "
+        "surviving replicas send the leaves of a dead replica's clients at most this much, "
+        "plus a third of it, after it died",
+    )
+    presence_page: int = Field(
+        1000,
+        ge=1,
+        le=10000,
+        description="members one presence reply lists, by default and at most (about: Redis "
+        "returns a channel of up to 512 members whole)",
+    )
+    presence_window: Seconds = Field(
+        0.1,
+        description="seconds a replica gathers a channel's joins and leaves before writing "
+        "them to Redis and sending them as one join and one leave frame",
+    )
+    anonymous_presence: str = Field(
+        "*",
+        description="comma-separated glob patterns of channels whose presence anonymous "
+        "clients may read (tokens say it in their presence claim)",
+    )
     replay_max_messages: int = Field(
         1000,
         ge=1,
@@ -316,6 +356,10 @@ class Settings(BaseSettings):
             raise ValueError("set GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY_FILE, not both")
         if self.shutdown_timeout <= self.drain_seconds:
             raise ValueError("shutdown_timeout must be longer than drain_seconds")
+        if self.join_leave_channels.strip() and not self.presence_channels.strip():
+            raise ValueError("join_leave_channels needs presence_channels")
+        if self.presence_ttl <= 3 * self.presence_lease:
+            raise ValueError("presence_ttl must exceed three presence leases")
         return self
 
     def history(self) -> HistoryPolicy:
@@ -324,6 +368,16 @@ class Settings(BaseSettings):
             size=self.history_size,
             ttl=self.history_ttl,
             retention=self.history_retention,
+        )
+
+    def presence(self) -> PresencePolicy:
+        return PresencePolicy(
+            patterns=self.patterns(self.presence_channels),
+            join_leave=self.patterns(self.join_leave_channels),
+            ttl=self.presence_ttl,
+            lease=self.presence_lease,
+            page=self.presence_page,
+            window=self.presence_window,
         )
 
     @staticmethod

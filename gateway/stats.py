@@ -35,6 +35,16 @@ class Stats:
     history: Counter[str] = field(default_factory=Counter)
     #: In-band token refreshes, by result: ok, refused (invalid, expired, another subject).
     refreshes: Counter[str] = field(default_factory=Counter)
+    #: Control requests from services, by (op, result): ok, malformed (op "-"), dropped
+    #: (the queue was full, op "-").
+    control: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Connections control requests acted on, by op.
+    control_connections: Counter[str] = field(default_factory=Counter)
+    #: Presence members written, by event: join, leave (of this replica's clients), reaped
+    #: (the leaves of a dead replica's clients, sent by this one).
+    presence: Counter[str] = field(default_factory=Counter)
+    #: join and leave frames sent to the channels (each lists up to 100 members), by event.
+    presence_events: Counter[str] = field(default_factory=Counter)
     # Histogram recorders for the congested path, plugged in by the telemetry.
     record_queue_depth: Callable[[int], object] = field(default=lambda depth: None)
     record_latency: Callable[[float], object] = field(default=lambda seconds: None)

@@ -154,7 +154,7 @@ class Telemetry:
             (counter, "connections.closed",
              by(lambda: stats.closes, "websocket.close.code", "reason"), "{connection}",
              "client connections closed, by close code and reason (client, slow_consumer, "
-             "drain, rate_limit, auth, protocol, limit, error)"),
+             "drain, rate_limit, auth, control, protocol, limit, error)"),
             (counter, "handshakes.refused", by(lambda: stats.refused, "reason"), "{handshake}",
              "sockets and handshakes refused, by reason (capacity, auth, user_limit, "
              "descriptors, handshakes, headers, malformed)"),
@@ -171,6 +171,16 @@ class Telemetry:
              "the oldest of the busiest channels"),
             (counter, "token.refreshes", by(lambda: stats.refreshes, "result"), "{refresh}",
              "in-band token refreshes, by result: ok, refused"),
+            (counter, "control.requests", by(lambda: stats.control, "op", "result"),
+             "{request}", "control requests from services, by op and result: ok, malformed, "
+             "dropped (op '-' for the last two)"),
+            (counter, "presence.members", by(lambda: stats.presence, "event"), "{member}",
+             "presence members written, by event: join, leave, reaped (a dead replica's, "
+             "sent by this one)"),
+            (counter, "presence.events", by(lambda: stats.presence_events, "event"), "{event}",
+             "join and leave frames sent to channels (each lists up to 100 members)"),
+            (counter, "control.connections", by(lambda: stats.control_connections, "op"),
+             "{connection}", "connections control requests acted on, by op"),
             (counter, "history", by(lambda: stats.history, "event"), "{message}",
              "history channel messages, by event: replayed, filled, duplicate, lost, "
              "unnumbered"),
@@ -193,8 +203,10 @@ class Telemetry:
              "1", "each Redis node connection: 1 while connected (one per primary on a cluster)"),
             (counter, "backplane.reconnects", one(lambda: backplane.reconnects), "{reconnect}",
              "backplane connections re-established after a loss"),
-            (up_down, "backplane.channels", one(lambda: backplane.subscribed_channels),
-             "{channel}", "channels the backplane is subscribed to"),
+            (up_down, "backplane.channels",
+             one(lambda: backplane.subscribed_channels - len(replica.hub.listeners)),
+             "{channel}", "channels the backplane is subscribed to for clients (the replica's "
+             "own control channel not counted)"),
             (counter, "backplane.outage", one(lambda: backplane.outage_seconds), "s",
              "total time the backplane was disconnected"),
         ]  # fmt: skip

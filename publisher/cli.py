@@ -1,11 +1,17 @@
-"""``wspublish CHANNEL JSON`` or ``wspublish CHANNEL --stdin`` (one JSON value per line).
+"""``wspublish CHANNEL JSON`` or ``wspublish CHANNEL --stdin`` (one JSON value per line);
+``wspublish CHANNEL --presence`` or ``--presence-stats``; control requests:
+``wspublish --user U --disconnect``, ``wspublish CHANNEL --user U
+--subscribe`` or ``--unsubscribe``.
 
-Exit codes: 0 published, 1 Redis unreachable, 2 bad input. Errors are one line on stderr.
+Exit codes: 0 done (a control request: every gateway acknowledged), 1 Redis unreachable,
+2 bad input, 3 some gateways did not acknowledge within ``--timeout``. Errors are one line on
+stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
@@ -14,7 +20,8 @@ import msgspec
 from redis.exceptions import RedisError
 
 from publisher import otlp
-from publisher.client import Publisher
+from publisher.client import CONTROL_TIMEOUT, Publisher
+from publisher.control import ControlError
 from publisher.envelope import EnvelopeError, check_channel
 from publisher.settings import PublisherSettings
 
@@ -47,9 +54,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="wspublish", description="Publish JSON to wsgateway clients through Redis."
     )
-    parser.add_argument("channel", help="channel name, without prefix")
+    parser.add_argument("channel", nargs="?", help="channel name, without prefix")
     parser.add_argument("json", nargs="?", help="the message: any JSON value")
     parser.add_argument("--stdin", action="store_true", help="read one JSON value per line")
+    reading = parser.add_argument_group("presence", "read who is on a channel with presence")
+    reading.add_argument(
+        "--presence", action="store_true", help="print CHANNEL's members, one JSON object a line"
+    )
+    reading.add_argument(
+        "--presence-stats", action="store_true", help="print CHANNEL's clients and unique users"
+    )
+    control = parser.add_argument_group(
+        "control requests", "act on every connection of one user, on every gateway"
+    )
+    control.add_argument("--user", help="the user (their tokens' sub) a control request names")
+    ops = control.add_mutually_exclusive_group()
+    for op, text in (
+        ("disconnect", "close every connection of --user (no CHANNEL)"),
+        ("subscribe", "put every connection of --user on CHANNEL"),
+        ("unsubscribe", "take every connection of --user off CHANNEL"),
+    ):
+        ops.add_argument(f"--{op}", dest="op", action="store_const", const=op, help=text)
+    control.add_argument("--code", type=int, help="--disconnect's close code (default 1008)")
+    control.add_argument("--reason", help="--disconnect's close reason")
+    control.add_argument(
+        "--timeout",
+        type=float,
+        default=CONTROL_TIMEOUT,
+        help="seconds to wait for the gateways' acknowledgements (default: %(default)s)",
+    )
     parser.add_argument(
         "--redis-url",
         default=defaults.redis_url,
@@ -70,6 +103,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
+    if args.presence or args.presence_stats:
+        _read_presence(args)
+        return
+    if args.op is not None or args.user is not None:
+        _control(args)
+        return
+    if args.channel is None:
+        _fail(2, "give a CHANNEL")
     if args.stdin == (args.json is not None):
         _fail(2, "give either a JSON argument or --stdin")
     try:
@@ -94,6 +135,58 @@ def main(argv: Sequence[str] | None = None) -> None:
         tracing.shutdown()  # flush the PRODUCER spans before exiting
     if not args.quiet:
         print(f"published {published} message(s); last one reached {receivers} gateway(s)")
+
+
+def _read_presence(args: argparse.Namespace) -> None:
+    if args.channel is None or args.json is not None or args.stdin:
+        _fail(2, "--presence and --presence-stats take a CHANNEL and nothing else")
+    try:
+        check_channel(args.channel)
+    except EnvelopeError as exc:
+        _fail(2, str(exc))
+    with Publisher(args.redis_url, prefix=args.prefix) as publisher:
+        try:
+            if args.presence_stats:
+                clients, users = publisher.presence_stats(args.channel)
+                print(f"clients {clients} users {users}")
+            else:
+                for entry in publisher.presence(args.channel):
+                    print(json.dumps(entry, separators=(",", ":")))
+        except (RedisError, OSError) as exc:
+            _fail(1, f"cannot read presence from Redis: {exc}")
+
+
+def _control(args: argparse.Namespace) -> None:
+    if args.op is None or args.user is None:
+        _fail(
+            2, "a control request needs --user and one of --disconnect, --subscribe, --unsubscribe"
+        )
+    if args.json is not None or args.stdin:
+        _fail(2, "a control request carries no message")
+    if (args.op == "disconnect") != (args.channel is None):
+        _fail(2, "--disconnect takes no CHANNEL; --subscribe and --unsubscribe need one")
+    fields = {"channel": args.channel} if args.channel is not None else {}
+    if args.op == "disconnect":
+        fields = {"code": args.code, "reason": args.reason}
+    elif args.code is not None or args.reason is not None:
+        _fail(2, "--code and --reason are for --disconnect")
+    tracing = otlp.tracing_from_env("wspublish")
+    with Publisher(args.redis_url, prefix=args.prefix, tracer_provider=tracing) as publisher:
+        try:
+            result = getattr(publisher, args.op)(args.user, timeout=args.timeout, **fields)
+        except ControlError as exc:
+            _fail(2, str(exc))
+        except (RedisError, OSError) as exc:
+            _fail(1, f"cannot send the request through Redis: {exc}")
+    if tracing is not None:
+        tracing.shutdown()
+    if not args.quiet:
+        print(
+            f"{args.op} {args.user}: {result.connections} connection(s); "
+            f"{result.acknowledged} of {result.replicas} gateway(s) acknowledged"
+        )
+    if not result.complete and args.timeout > 0:
+        sys.exit(3)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,8 @@ CONSUMER spans link back to it.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -20,11 +22,17 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind
 
 from publisher.cluster import is_cluster_url, parse_cluster_url
+from publisher.control import CONTROL_CHANNEL, ControlResult, Tally, ack_key, build_control
 from publisher.envelope import MAX_ENVELOPE_BYTES, build_envelope, check_channel, new_mid
 from publisher.history import APPEND_LUA, HistoryPolicy, history_keys
+from publisher.presence import PURGE, STATS_LUA, presence_keys
+from publisher.presence import READ_LUA as PRESENCE_READ_LUA
 from publisher.settings import PublisherSettings
 
 __all__ = ["AsyncPublisher", "Publisher"]
+
+#: How long a control request waits for the replicas' acknowledgements by default, seconds.
+CONTROL_TIMEOUT = 2.0
 
 
 class _Base:
@@ -85,6 +93,44 @@ class _Base:
             key.decode(), envelope, sharded=self.sharded
         )
 
+    @contextmanager
+    def _controlling(
+        self, op: str, user: str, timeout: float, **fields: Any
+    ) -> Iterator[tuple[Span, bytes, bytes, str | None]]:
+        """Validate (raising ControlError before anything reaches Redis), open the PRODUCER
+        span, and yield it with the control channel, the request, and its ack list (None
+        when nobody waits: ``timeout`` <= 0)."""
+        request_id = new_mid() if timeout > 0 else None
+        request = build_control(op, user, request_id=request_id, **fields)
+        with self._tracer.start_as_current_span(
+            f"control {op}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": CONTROL_CHANNEL,
+                "wsgateway.control.op": op,
+                "enduser.id": user,
+            },
+        ) as span:
+            acks = ack_key(self.prefix, request_id) if request_id is not None else None
+            yield span, (self.prefix + CONTROL_CHANNEL).encode(), request, acks
+
+    def _presence_args(self, channel: str, *extra: Any) -> tuple[list[str], list[Any]]:
+        check_channel(channel)
+        return presence_keys(self.prefix, channel), [PURGE, time.time_ns() // 1_000_000, *extra]
+
+    @staticmethod
+    def _members(entries: list[bytes]) -> list[dict[str, Any]]:
+        return [json.loads(entry) for entry in entries]
+
+    @staticmethod
+    def _controlled(span: Span, result: ControlResult) -> ControlResult:
+        span.set_attribute("wsgateway.receivers", result.replicas)
+        span.set_attribute("wsgateway.control.acknowledged", result.acknowledged)
+        span.set_attribute("wsgateway.control.connections", result.connections)
+        return result
+
     @staticmethod
     def _appended(span: Span, result: list[Any]) -> int:
         offset, epoch, receivers = result
@@ -111,6 +157,8 @@ class Publisher(_Base):
         else:
             self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
         self._append_script = self._redis.register_script(APPEND_LUA)
+        self._read_presence = self._redis.register_script(PRESENCE_READ_LUA)
+        self._presence_stats = self._redis.register_script(STATS_LUA)
 
     def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
         """Publish ``data`` (any JSON value) to ``channel``; return how many gateways got it."""
@@ -121,6 +169,65 @@ class Publisher(_Base):
             receivers = int(self._redis.execute_command(self._publish_command, key, envelope))
             span.set_attribute("wsgateway.receivers", receivers)
             return receivers
+
+    def disconnect(
+        self,
+        user: str,
+        *,
+        code: int | None = None,
+        reason: str | None = None,
+        timeout: float = CONTROL_TIMEOUT,
+    ) -> ControlResult:
+        """Close every connection of ``user`` (their tokens' ``sub``) on every replica, with
+        ``code`` (default 1008) and ``reason``; wait up to ``timeout`` seconds for the
+        replicas to say how many they closed (0: do not wait)."""
+        return self._control("disconnect", user, timeout, code=code, reason=reason)
+
+    def subscribe(
+        self, user: str, channel: str, *, timeout: float = CONTROL_TIMEOUT
+    ) -> ControlResult:
+        """Put every connection of ``user`` on ``channel``, whatever their tokens allow."""
+        return self._control("subscribe", user, timeout, channel=channel)
+
+    def unsubscribe(
+        self, user: str, channel: str, *, timeout: float = CONTROL_TIMEOUT
+    ) -> ControlResult:
+        """Take every connection of ``user`` off ``channel``."""
+        return self._control("unsubscribe", user, timeout, channel=channel)
+
+    def _control(self, op: str, user: str, timeout: float, **fields: Any) -> ControlResult:
+        with self._controlling(op, user, timeout, **fields) as (span, key, request, acks):
+            replicas = int(self._redis.execute_command(self._publish_command, key, request))
+            tally = Tally()
+            if acks is not None:
+                deadline = time.monotonic() + timeout
+                try:
+                    while tally.acknowledged < replicas:
+                        left = deadline - time.monotonic()
+                        popped = self._redis.blpop([acks], timeout=left) if left > 0 else None
+                        if popped is None:
+                            break
+                        tally.add(popped[1])
+                finally:
+                    self._redis.delete(acks)
+            return self._controlled(span, tally.result(replicas))
+
+    def presence(self, channel: str) -> list[dict[str, Any]]:
+        """Every member of ``channel`` (a channel with presence): ``{"client", "user",
+        "info"?}`` each, read page after page."""
+        found: list[dict[str, Any]] = []
+        cursor: Any = "0"
+        while True:
+            keys, args = self._presence_args(channel, cursor, 1000)
+            cursor, entries = self._read_presence(keys, args)
+            found.extend(self._members(entries))
+            if cursor in (b"0", "0", 0):
+                return found
+
+    def presence_stats(self, channel: str) -> tuple[int, int]:
+        """(clients, unique users) on ``channel``."""
+        clients, users = self._presence_stats(*self._presence_args(channel))
+        return int(clients), int(users)
 
     def close(self) -> None:
         self._redis.close()
@@ -153,6 +260,8 @@ class AsyncPublisher(_Base):
         else:
             self._redis = redis.asyncio.Redis.from_url(self.redis_url, socket_connect_timeout=5)
         self._append_script = self._redis.register_script(APPEND_LUA)
+        self._read_presence = self._redis.register_script(PRESENCE_READ_LUA)
+        self._presence_stats = self._redis.register_script(STATS_LUA)
 
     async def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
         """Publish ``data`` (any JSON value) to ``channel``; return how many gateways got it."""
@@ -163,6 +272,65 @@ class AsyncPublisher(_Base):
             receivers = int(await self._redis.execute_command(self._publish_command, key, envelope))
             span.set_attribute("wsgateway.receivers", receivers)
             return receivers
+
+    async def disconnect(
+        self,
+        user: str,
+        *,
+        code: int | None = None,
+        reason: str | None = None,
+        timeout: float = CONTROL_TIMEOUT,
+    ) -> ControlResult:
+        """Close every connection of ``user`` (their tokens' ``sub``) on every replica, with
+        ``code`` (default 1008) and ``reason``; wait up to ``timeout`` seconds for the
+        replicas to say how many they closed (0: do not wait)."""
+        return await self._control("disconnect", user, timeout, code=code, reason=reason)
+
+    async def subscribe(
+        self, user: str, channel: str, *, timeout: float = CONTROL_TIMEOUT
+    ) -> ControlResult:
+        """Put every connection of ``user`` on ``channel``, whatever their tokens allow."""
+        return await self._control("subscribe", user, timeout, channel=channel)
+
+    async def unsubscribe(
+        self, user: str, channel: str, *, timeout: float = CONTROL_TIMEOUT
+    ) -> ControlResult:
+        """Take every connection of ``user`` off ``channel``."""
+        return await self._control("unsubscribe", user, timeout, channel=channel)
+
+    async def _control(self, op: str, user: str, timeout: float, **fields: Any) -> ControlResult:
+        with self._controlling(op, user, timeout, **fields) as (span, key, request, acks):
+            replicas = int(await self._redis.execute_command(self._publish_command, key, request))
+            tally = Tally()
+            if acks is not None:
+                deadline = time.monotonic() + timeout
+                try:
+                    while tally.acknowledged < replicas:
+                        left = deadline - time.monotonic()
+                        popped = await self._redis.blpop([acks], timeout=left) if left > 0 else None
+                        if popped is None:
+                            break
+                        tally.add(popped[1])
+                finally:
+                    await self._redis.delete(acks)
+            return self._controlled(span, tally.result(replicas))
+
+    async def presence(self, channel: str) -> list[dict[str, Any]]:
+        """Every member of ``channel`` (a channel with presence): ``{"client", "user",
+        "info"?}`` each, read page after page."""
+        found: list[dict[str, Any]] = []
+        cursor: Any = "0"
+        while True:
+            keys, args = self._presence_args(channel, cursor, 1000)
+            cursor, entries = await self._read_presence(keys, args)
+            found.extend(self._members(entries))
+            if cursor in (b"0", "0", 0):
+                return found
+
+    async def presence_stats(self, channel: str) -> tuple[int, int]:
+        """(clients, unique users) on ``channel``."""
+        clients, users = await self._presence_stats(*self._presence_args(channel))
+        return int(clients), int(users)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

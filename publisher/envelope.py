@@ -144,6 +144,11 @@ class EnvelopeV1(BaseModel):
     tracestate: str | None = Field(
         default=None, max_length=TRACESTATE_MAX_LENGTH, description="W3C tracestate"
     )
+    event: Literal["join", "leave"] | None = Field(
+        default=None,
+        description="set by gateway replicas only, on their presence events (`data` lists the "
+        "members); publishers leave it out",
+    )
 
     @field_validator("data")
     @classmethod

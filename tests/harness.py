@@ -147,7 +147,12 @@ class RedisServer:
         return int(self.command("PUBLISH", channel, payload))
 
     def pubsub_channels(self, pattern: str = "*") -> set[str]:
-        return {c for c in self.command("PUBSUB", "CHANNELS", pattern) if "#probe#" not in c}
+        """The channels subscribed for clients: not the replicas' probes and control channel."""
+        return {
+            c
+            for c in self.command("PUBSUB", "CHANNELS", pattern)
+            if "#probe#" not in c and not c.endswith("@@control")
+        }
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

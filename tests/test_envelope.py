@@ -168,8 +168,16 @@ ALTERNATIVES: dict[str, st.SearchStrategy[Any]] = {
     "tracestate": st.sampled_from([None, "k=v", "x" * 513]) | field_values,
     "offset": st.sampled_from([1, 7, 0, -3, 2**53, 1.0, "4", True]) | field_values,
     "epoch": st.sampled_from(["e1", "ab_CD-9", "", "a b", "x" * 65, "é"]) | field_values,
+    "event": st.sampled_from([None, "join", "leave", "Join", ""]) | field_values,
 }
-VALID = {**GOOD, "traceparent": None, "tracestate": None, "offset": None, "epoch": None}
+VALID = {
+    **GOOD,
+    "traceparent": None,
+    "tracestate": None,
+    "offset": None,
+    "epoch": None,
+    "event": None,
+}
 
 
 @st.composite

@@ -19,7 +19,9 @@ __all__ = [
     "BackplaneUnavailable",
     "ChannelNames",
     "Confirmations",
+    "Member",
     "OnMessage",
+    "PresenceStore",
     "Probe",
     "RedisOptions",
 ]
@@ -147,6 +149,52 @@ class Probe:
                     raise
 
 
+#: One member as the store keeps it: (client id, user or None, entry JSON).
+Member = tuple[str, str | None, bytes]
+
+
+class PresenceStore(abc.ABC):
+    """Who is subscribed to the channels with presence, across replicas, and the leases that
+    let survivors clean up after a replica that died (publisher.presence says how Redis
+    keeps them). Every method raises :class:`BackplaneUnavailable` when the store is down."""
+
+    @abc.abstractmethod
+    async def join(self, channel: str, members: list[Member], ttl_ms: int) -> int:
+        """Add ``members`` (or push their expiry ``ttl_ms`` forward); return how many were new."""
+
+    @abc.abstractmethod
+    async def leave(self, channel: str, clients: list[str]) -> list[bytes]:
+        """Remove ``clients``; return the entries of those that were there."""
+
+    @abc.abstractmethod
+    async def page(self, channel: str, cursor: str, count: int) -> tuple[str, list[bytes]]:
+        """About ``count`` entries from ``cursor`` ('0' first); the next cursor, '0' at the end."""
+
+    @abc.abstractmethod
+    async def stats(self, channel: str) -> tuple[int, int]:
+        """(clients, unique users) of ``channel``."""
+
+    @abc.abstractmethod
+    async def event(self, channel: str, payload: bytes) -> None:
+        """Send a join/leave event envelope to ``channel``'s subscribers on every replica,
+        outside its history."""
+
+    @abc.abstractmethod
+    async def renew_lease(
+        self, replica: str, ttl_ms: int, added: list[str], removed: list[str]
+    ) -> None:
+        """Extend ``replica``'s lease and record the members it gained and lost."""
+
+    @abc.abstractmethod
+    async def claim_dead(self) -> list[tuple[str, list[bytes]]]:
+        """Each replica whose lease ran out that this caller claimed (no other will), with the
+        members it held; their records are gone from the store."""
+
+    @abc.abstractmethod
+    async def end_lease(self, replica: str) -> None:
+        """``replica`` stops cleanly: it has sent its own leaves."""
+
+
 class BackplaneUnavailable(Exception):
     """The backplane is down or did not answer in time; the request can be retried later."""
 
@@ -161,6 +209,8 @@ class Backplane(abc.ABC):
     #: Called after the backplane comes back from an outage: what was published meanwhile
     #: never arrived, and the hub fills it in from the history channels' streams.
     on_resume: Callable[[], None] | None = None
+    #: Where presence and replica leases live.
+    presence: PresenceStore
 
     def __init__(self, on_message: OnMessage, history: HistoryPolicy | None = None) -> None:
         self.on_message = on_message
@@ -223,6 +273,18 @@ class Backplane(abc.ABC):
         """Publish an encoded (version 1) envelope; return how many replicas received it.
 
         On a history channel the message is numbered and stored in the same step.
+        Raises :class:`BackplaneUnavailable` when the backplane is down.
+        """
+
+    @abc.abstractmethod
+    def keep(self, channel: str) -> None:
+        """Receive ``channel`` from the first connection on, through every reconnection, for
+        as long as the backplane runs (the replica's own channels: call before start())."""
+
+    @abc.abstractmethod
+    async def acknowledge(self, request_id: str, ack: bytes) -> None:
+        """Push a control request's acknowledgement onto its list (publisher.control).
+
         Raises :class:`BackplaneUnavailable` when the backplane is down.
         """
 

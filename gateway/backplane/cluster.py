@@ -242,6 +242,7 @@ class RedisClusterBackplane(Backplane):
             **self._connection,
         )
         self._commands = RedisCommands(self._cluster, self.names, self.history_policy, sharded=True)
+        self.presence = self._commands
         self._wanted: set[str] = set()
         self.nodes: dict[Address, _Node] = {}
         self._owner: dict[str, Address] = {}  # wanted channel -> node it is subscribed on
@@ -365,6 +366,12 @@ class RedisClusterBackplane(Backplane):
 
     async def history(self, channel: str, after: int, limit: ReadLimit) -> Page[bytes]:
         return await self._commands.read(channel, after, limit)
+
+    def keep(self, channel: str) -> None:
+        self._wanted.add(channel)  # every (re)connection subscribes what is wanted
+
+    async def acknowledge(self, request_id: str, ack: bytes) -> None:
+        await self._commands.acknowledge(request_id, ack)
 
     # Keeping up with the topology
 

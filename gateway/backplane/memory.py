@@ -9,8 +9,9 @@ from __future__ import annotations
 import collections
 import time
 
-from gateway.backplane.base import Backplane, OnMessage
+from gateway.backplane.base import Backplane, Member, OnMessage, PresenceStore
 from gateway.history import Page, ReadLimit
+from publisher.control import ACK_TTL_MS
 from publisher.history import HistoryPolicy, new_epoch, numbered
 
 __all__ = ["MemoryBackplane"]
@@ -26,14 +27,73 @@ class _Stream:
         self.entries: collections.deque[tuple[int, bytes, float]] = collections.deque(maxlen=size)
 
 
+class MemoryPresence(PresenceStore):
+    """Presence of the one replica there is: nothing expires while it runs (it holds every
+    member itself) and nothing outlives it, so there are no leases to keep."""
+
+    def __init__(self, backplane: MemoryBackplane) -> None:
+        self._backplane = backplane
+        #: channel -> client -> (user, entry), in the order they joined.
+        self._members: dict[str, dict[str, tuple[str | None, bytes]]] = {}
+
+    async def join(self, channel: str, members: list[Member], ttl_ms: int) -> int:
+        held = self._members.setdefault(channel, {})
+        before = len(held)
+        for client, user, entry in members:
+            held[client] = (user, entry)
+        return len(held) - before
+
+    async def leave(self, channel: str, clients: list[str]) -> list[bytes]:
+        held = self._members.get(channel, {})
+        removed = []
+        for client in clients:
+            gone = held.pop(client, None)
+            if gone is not None:
+                removed.append(gone[1])
+        if not held:
+            self._members.pop(channel, None)
+        return removed
+
+    async def page(self, channel: str, cursor: str, count: int) -> tuple[str, list[bytes]]:
+        entries = [entry for _, entry in self._members.get(channel, {}).values()]
+        start = int(cursor) if cursor.isdigit() else 0
+        end = start + count
+        return (str(end) if end < len(entries) else "0"), entries[start:end]
+
+    async def stats(self, channel: str) -> tuple[int, int]:
+        held = self._members.get(channel, {})
+        return len(held), len({user for user, _ in held.values() if user is not None})
+
+    async def event(self, channel: str, payload: bytes) -> None:
+        if channel in self._backplane.subscribed:
+            self._backplane.deliver(channel, payload)
+
+    async def renew_lease(
+        self, replica: str, ttl_ms: int, added: list[str], removed: list[str]
+    ) -> None:
+        pass
+
+    async def claim_dead(self) -> list[tuple[str, list[bytes]]]:
+        return []
+
+    async def end_lease(self, replica: str) -> None:
+        pass
+
+
 class MemoryBackplane(Backplane):
     name = "memory"
 
     def __init__(self, on_message: OnMessage, history: HistoryPolicy | None = None) -> None:
         super().__init__(on_message, history)
-        self._channels: set[str] = set()
+        self.subscribed: set[str] = set()
+        self.presence = MemoryPresence(self)
         # Least recently published first, so silent channels past retention are forgotten.
         self._streams: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
+        #: Control acknowledgements by request id, oldest first, for an in-process service
+        #: (nothing else can reach this backplane); each kept for ACK_TTL_MS.
+        self.acks: collections.OrderedDict[str, tuple[float, list[bytes]]] = (
+            collections.OrderedDict()
+        )
 
     @property
     def connected(self) -> bool:
@@ -41,19 +101,31 @@ class MemoryBackplane(Backplane):
 
     @property
     def subscribed_channels(self) -> int:
-        return len(self._channels)
+        return len(self.subscribed)
 
     async def start(self) -> None:
         pass
 
     async def close(self) -> None:
-        self._channels.clear()
+        self.subscribed.clear()
 
     async def subscribe(self, channel: str) -> None:
-        self._channels.add(channel)
+        self.subscribed.add(channel)
 
     async def unsubscribe(self, channel: str) -> None:
-        self._channels.discard(channel)
+        self.subscribed.discard(channel)
+
+    def keep(self, channel: str) -> None:
+        self.subscribed.add(channel)
+
+    async def acknowledge(self, request_id: str, ack: bytes) -> None:
+        now = time.monotonic()
+        acks = self.acks
+        while acks and next(iter(acks.values()))[0] < now:
+            acks.popitem(last=False)
+        _, pushed = acks.pop(request_id, (0.0, []))
+        pushed.append(ack)
+        acks[request_id] = (now + ACK_TTL_MS / 1000, pushed)
 
     async def publish(self, channel: str, envelope: bytes) -> int:
         policy = self.history_policy
@@ -65,7 +137,7 @@ class MemoryBackplane(Backplane):
             stream.entries.append((stream.offset, envelope, now))
             while stream.entries and stream.entries[0][2] < now - policy.ttl:
                 stream.entries.popleft()
-        if channel not in self._channels:
+        if channel not in self.subscribed:
             return 0
         self.deliver(channel, envelope)
         return 1

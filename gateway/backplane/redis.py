@@ -94,6 +94,7 @@ class RedisBackplane(Backplane):
             )
         )
         self._commands = RedisCommands(self._redis, self.names, self.history_policy, sharded=False)
+        self.presence = self._commands
         # A channel no client can name ("#" is not allowed in channel names): it keeps the
         # connection in subscribe mode, its confirmation marks the end of a (re)subscribe, and
         # the probes travel through it.
@@ -171,6 +172,12 @@ class RedisBackplane(Backplane):
 
     async def history(self, channel: str, after: int, limit: ReadLimit) -> Page[bytes]:
         return await self._commands.read(channel, after, limit)
+
+    def keep(self, channel: str) -> None:
+        self._wanted.add(channel)  # every (re)connection subscribes what is wanted
+
+    async def acknowledge(self, request_id: str, ack: bytes) -> None:
+        await self._commands.acknowledge(request_id, ack)
 
     # The connection's life
 

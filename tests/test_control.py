@@ -1,0 +1,393 @@
+"""Control requests from services: disconnect a user, put them on a channel or take them off,
+on every replica, each acknowledged with the connections it reached.
+
+The request format is tested pure; the rest against real Redis (one node and the cluster
+harness) and real replicas, through the publisher library (sync and async) and ``wspublish``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from jsonschema import Draft202012Validator
+from websockets.exceptions import ConnectionClosed
+
+from gateway.access import Access, personal_channel
+from publisher import AsyncPublisher, Publisher
+from publisher.control import (
+    CONTROL_CHANNEL,
+    ControlError,
+    ControlResult,
+    Tally,
+    build_control,
+    parse_control,
+)
+from publisher.schema import control_schema
+from tests.harness import (
+    GatewayFactory,
+    RedisClusterServers,
+    RedisServer,
+    async_wait_until,
+    client,
+    expect_silence,
+    recv_json,
+    request,
+    wait_until,
+    wspublish,
+)
+from tests.test_redis_outages import FAST_RECOVERY
+from tests.test_security import SECRET, token
+
+# The request format, pure
+
+
+@pytest.mark.parametrize(
+    ("fields", "encoded"),
+    [
+        ({"op": "disconnect", "user": "alice"}, {"v": 1, "op": "disconnect", "user": "alice"}),
+        (
+            {"op": "disconnect", "user": "a", "code": 4003, "reason": "logged out"},
+            {"v": 1, "op": "disconnect", "user": "a", "code": 4003, "reason": "logged out"},
+        ),
+        (
+            {"op": "subscribe", "user": "a", "channel": "room.{7}", "request_id": "r1"},
+            {"v": 1, "op": "subscribe", "user": "a", "channel": "room.{7}", "id": "r1"},
+        ),
+        (
+            {"op": "unsubscribe", "user": "@x", "channel": "@x"},
+            {"v": 1, "op": "unsubscribe", "user": "@x", "channel": "@x"},
+        ),
+    ],
+)
+def test_a_request_is_encoded_with_what_differs_from_the_defaults(
+    fields: dict[str, Any], encoded: dict[str, Any]
+) -> None:
+    payload = build_control(**fields)
+    assert json.loads(payload) == encoded
+    assert parse_control(payload).user == fields["user"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"op": "kick", "user": "a"}, "op"),
+        ({"op": "disconnect", "user": ""}, "user"),
+        ({"op": "disconnect", "user": "u" * 257}, "user"),
+        ({"op": "disconnect", "user": "a", "code": 1006}, "code"),
+        ({"op": "disconnect", "user": "a", "code": 5000}, "code"),
+        ({"op": "disconnect", "user": "a", "reason": "é" * 62}, "123"),
+        ({"op": "subscribe", "user": "a"}, "needs a channel"),
+        ({"op": "unsubscribe", "user": "a", "channel": "no spaces"}, "channel"),
+        ({"op": "subscribe", "user": "a", "channel": CONTROL_CHANNEL}, "@@"),
+        ({"op": "disconnect", "user": "a", "request_id": "has space"}, "id"),
+    ],
+)
+def test_a_bad_request_is_refused_before_it_reaches_redis(fields: dict[str, Any], why: str) -> None:
+    with pytest.raises(ControlError, match=why):
+        build_control(**fields)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[]",
+        b'{"v":2,"op":"disconnect","user":"a"}',
+        b'{"v":true,"op":"disconnect","user":"a"}',
+        b'{"v":1,"op":"disconnect","user":"a","code":"4000"}',
+        b'{"v":1,"op":"disconnect","user":7}',
+    ],
+)
+def test_the_replicas_reader_refuses_what_the_builder_would(payload: bytes) -> None:
+    with pytest.raises(ValueError):  # pydantic's ValidationError is one
+        parse_control(payload)
+
+
+SCHEMA_FILE = Path(__file__).parent.parent / "docs" / "control.schema.json"
+
+
+def test_the_committed_json_schema_is_current() -> None:
+    assert SCHEMA_FILE.read_text() == control_schema(), (
+        "docs/control.schema.json is stale: "
+        "python -m publisher.schema control > docs/control.schema.json"
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "valid"),
+    [
+        ({"v": 1, "op": "disconnect", "user": "a"}, True),
+        ({"v": 1, "op": "subscribe", "user": "a", "channel": "r", "future": 1}, True),
+        ({"v": 1, "op": "kick", "user": "a"}, False),
+        ({"v": 1, "op": "disconnect", "user": ""}, False),
+        ({"v": 1, "op": "disconnect", "user": "a", "code": "4000"}, False),
+        ({"v": 1, "op": "disconnect", "user": "a", "id": "a b"}, False),
+    ],
+)
+def test_the_schema_says_what_the_replicas_read(request_: dict[str, Any], valid: bool) -> None:
+    """What another language's publisher would check against the schema, the replicas
+    accept or refuse alike (the rules between fields, like a channel for subscribe, are the
+    reader's alone: JSON Schema states them in the descriptions)."""
+    schema_ok = Draft202012Validator(json.loads(SCHEMA_FILE.read_text())).is_valid(request_)
+    try:
+        parse_control(json.dumps(request_))
+        reader_ok = True
+    except ValueError:
+        reader_ok = False
+    assert schema_ok == reader_ok == valid
+
+
+def test_acknowledgements_add_up() -> None:
+    tally = Tally()
+    for connections in (2, 0, 1):
+        tally.add(json.dumps({"replica": "r", "connections": connections}).encode())
+    assert tally.result(4) == ControlResult(replicas=4, acknowledged=3, connections=3)
+    assert not tally.result(4).complete and tally.result(3).complete
+
+
+def test_reserved_channels_are_nobody_s() -> None:
+    everything = Access(subscribe=("*",), publish=("*",), granted=frozenset({"@@control"}))
+    assert not everything.can_subscribe("@@control")
+    assert not everything.can_publish("@@control")
+    assert not everything.placing("@@ack.1").can_subscribe("@@ack.1")
+    # A sub starting with @ would make a reserved name of its personal channel.
+    assert personal_channel("@control") is None
+    assert personal_channel("alice") == "@alice"
+
+
+# Against real replicas
+
+ENV = {"GATEWAY_JWT_SECRET": SECRET}
+
+
+def connect_as(gateway: Any, user: str, **claims: Any) -> Any:
+    return client(f"{gateway.ws_url}?token={token(sub=user, **claims)}")
+
+
+async def closed_with(ws: Any) -> tuple[int | None, str | None]:
+    with pytest.raises(ConnectionClosed) as caught:
+        await recv_json(ws)
+    received = caught.value.rcvd
+    return (received.code, received.reason) if received is not None else (None, None)
+
+
+async def test_disconnect_reaches_every_connection_of_the_user_on_every_replica(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    env = {**ENV, "GATEWAY_REDIS_URL": redis_server.url}
+    replicas = [gateway_factory(env) for _ in range(3)]
+    async with (
+        connect_as(replicas[0], "alice") as a1,
+        connect_as(replicas[0], "alice") as a2,
+        connect_as(replicas[1], "alice") as a3,
+        connect_as(replicas[2], "bob") as bob,
+        AsyncPublisher(redis_server.url) as publisher,
+    ):
+        result = await publisher.disconnect("alice", code=4003, reason="logged out")
+        assert result == ControlResult(replicas=3, acknowledged=3, connections=3)
+        for ws in (a1, a2, a3):
+            assert await closed_with(ws) == (4003, "logged out")
+        assert await request(bob, {"op": "ping", "id": 1}) == {"op": "pong", "id": 1}
+        # Nobody left to reach: every replica still answers, with none.
+        assert await publisher.disconnect("alice") == ControlResult(3, 3, 0)
+    wait_until(lambda: replicas[0].closed(4003) == 2)
+    assert (
+        replicas[0].metric(
+            "wsgateway_connections_closed_total", websocket_close_code="4003", reason="control"
+        )
+        == 2
+    )
+    assert replicas[2].metric("wsgateway_control_requests_total", op="disconnect", result="ok") == 2
+    # The acknowledgement lists are gone once read.
+    assert redis_server.command("KEYS", "ws:@@ack.*") == []
+
+
+async def test_a_service_puts_a_user_on_a_channel_and_takes_them_off(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    env = {**ENV, "GATEWAY_REDIS_URL": redis_server.url}
+    first, second = gateway_factory(env), gateway_factory(env)
+    async with (
+        connect_as(first, "alice", channels=[]) as here,
+        connect_as(second, "alice", channels=[]) as there,
+    ):
+        with Publisher(redis_server.url) as publisher:
+            # The token does not allow room.9: the service does.
+            assert publisher.subscribe("alice", "room.9") == ControlResult(2, 2, 2)
+            for ws in (here, there):
+                assert await recv_json(ws) == {"op": "subscribed", "channel": "room.9"}
+            publisher.publish("room.9", "hello")
+            for ws in (here, there):
+                assert (await recv_json(ws))["data"] == "hello"
+            # Already on it: nothing to do, and nothing sent.
+            assert publisher.subscribe("alice", "room.9").connections == 0
+            await expect_silence(here)
+            # A refreshed token that still does not allow it keeps what the service placed.
+            refreshed = await request(
+                here, {"op": "refresh", "token": token(sub="alice", channels=[]), "id": 1}
+            )
+            assert refreshed["op"] == "refreshed"
+            assert publisher.unsubscribe("alice", "room.9") == ControlResult(2, 2, 2)
+            for ws in (here, there):
+                assert await recv_json(ws) == {
+                    "op": "unsubscribed",
+                    "channel": "room.9",
+                    "reason": "server",
+                }
+            publisher.publish("room.9", "gone")
+            await expect_silence(here)
+            # Taken off, the token's rights are what is left.
+            again = await request(here, {"op": "subscribe", "channel": "room.9", "id": 2})
+            assert again["code"] == "forbidden"
+
+
+async def test_a_placed_channel_over_the_subscription_limit_is_told_to_the_client(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    gateway = gateway_factory(
+        {**ENV, "GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_MAX_SUBSCRIPTIONS": "1"}
+    )
+    async with connect_as(gateway, "alice", channels=["news"]) as ws:
+        await request(ws, {"op": "subscribe", "channel": "news", "id": 1})
+        with Publisher(redis_server.url) as publisher:
+            assert publisher.subscribe("alice", "room.1").connections == 0
+        told = await recv_json(ws)
+        assert (told["op"], told["code"]) == ("error", "limit")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"garbage",
+        b'{"v":1,"op":"explode","user":"alice"}',
+        b'{"v":1,"op":"subscribe","user":"alice"}',
+        b'{"v":1,"op":"disconnect","user":"alice","code":1006}',
+        b'{"v":1,"op":"disconnect","user":"alice","code":NaN}',
+        b'{"v":1,"op":"subscribe","user":"alice","channel":"@@control"}',
+    ],
+)
+async def test_a_malformed_request_is_counted_and_changes_nothing(
+    redis_server: RedisServer, gateway_factory: GatewayFactory, payload: bytes
+) -> None:
+    gateway = gateway_factory({**ENV, "GATEWAY_REDIS_URL": redis_server.url})
+    async with connect_as(gateway, "alice") as ws:
+        assert redis_server.publish("ws:" + CONTROL_CHANNEL, payload) == 1
+        await async_wait_until(
+            lambda: (
+                gateway.metric("wsgateway_control_requests_total", op="-", result="malformed") == 1
+            )
+        )
+        await expect_silence(ws)
+        # The replica goes on serving the next one.
+        with Publisher(redis_server.url) as publisher:
+            assert publisher.disconnect("alice", reason="after").connections == 1
+        assert await closed_with(ws) == (1008, "after")
+    assert "malformed control request" in gateway.logs()
+
+
+async def test_clients_cannot_reach_the_control_channel(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    gateway = gateway_factory({**ENV, "GATEWAY_REDIS_URL": redis_server.url})
+    everything = token(sub="eve", channels=["*"], publish=["*"], subs=["@@control"])
+    async with client(f"{gateway.ws_url}?token={everything}") as ws:
+        # The subs claim cannot put it there...
+        refused = await recv_json(ws)
+        assert (refused["op"], refused["code"]) == ("error", "forbidden")
+        # ...nor can it ask, nor publish a request there.
+        for op in ("subscribe", "publish"):
+            answer = await request(
+                ws,
+                {
+                    "op": op,
+                    "channel": CONTROL_CHANNEL,
+                    "data": build_control("disconnect", "bob").decode(),
+                    "id": 1,
+                },
+            )
+            assert answer["code"] == "forbidden", op
+    assert gateway.metric("wsgateway_control_requests_total", op="-", result="malformed") == 0
+
+
+def test_wspublish_sends_control_requests(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    gateway = gateway_factory({**ENV, "GATEWAY_REDIS_URL": redis_server.url})
+    env = {"PUBLISHER_REDIS_URL": redis_server.url}
+
+    async def scenario() -> None:
+        async with connect_as(gateway, "alice", channels=[]) as ws:
+            done = await asyncio.to_thread(
+                wspublish, "room.2", "--user", "alice", "--subscribe", env=env
+            )
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == (
+                "subscribe alice: 1 connection(s); 1 of 1 gateway(s) acknowledged"
+            )
+            assert await recv_json(ws) == {"op": "subscribed", "channel": "room.2"}
+            done = await asyncio.to_thread(
+                wspublish, "--user", "alice", "--disconnect", "--code", "4009", env=env
+            )
+            assert done.returncode == 0, done.stderr
+            assert await closed_with(ws) == (4009, "disconnected by the service")
+
+    asyncio.run(scenario())
+    for args, message in [
+        (["--user", "alice"], "needs --user and one of"),
+        (["--disconnect"], "needs --user and one of"),
+        (["room", "--user", "a", "--disconnect"], "takes no CHANNEL"),
+        (["--user", "a", "--subscribe"], "need one"),
+        (["--user", "a", "--disconnect", "--code", "2"], "code must be"),
+        (["room", "--user", "a", "--subscribe", "--code", "4000"], "are for --disconnect"),
+        (["room", "{}", "--user", "a", "--subscribe"], "carries no message"),
+    ]:
+        done = wspublish(*args, env=env)
+        assert (done.returncode, message in done.stderr) == (2, True), (args, done.stderr)
+    # A receiver that never answers (a bare subscriber, standing in for a replica that is
+    # stuck): the request still ends at the timeout, and says who did not answer.
+    silent = redis.Redis.from_url(redis_server.url).pubsub()  # type: ignore[no-untyped-call]
+    silent.subscribe("ws:" + CONTROL_CHANNEL)
+    try:
+        done = wspublish("--user", "nobody", "--disconnect", "--timeout", "0.5", env=env)
+        assert done.returncode == 3, done.stderr
+        assert done.stdout.strip() == (
+            "disconnect nobody: 0 connection(s); 1 of 2 gateway(s) acknowledged"
+        )
+    finally:
+        silent.close()
+
+
+async def test_control_survives_a_redis_restart(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """The control channel is re-subscribed with the clients' channels after an outage."""
+    gateway = gateway_factory({**ENV, "GATEWAY_REDIS_URL": redis_server.url, **FAST_RECOVERY})
+    async with connect_as(gateway, "alice") as ws:
+        redis_server.kill()
+        await async_wait_until(lambda: gateway.http("/readyz")[0] == 503)
+        redis_server.start()
+        await async_wait_until(lambda: gateway.http("/readyz")[0] == 200, timeout=15)
+        assert "ws:@@control" in redis_server.command("PUBSUB", "CHANNELS", "*")
+        async with AsyncPublisher(redis_server.url) as publisher:
+            assert (await publisher.disconnect("alice")).connections == 1
+        assert (await closed_with(ws))[0] == 1008
+
+
+async def test_disconnect_on_a_redis_cluster(
+    cluster: RedisClusterServers, gateway_factory: GatewayFactory
+) -> None:
+    env = {**ENV, "GATEWAY_REDIS_URL": cluster.url}
+    first, second = gateway_factory(env), gateway_factory(env)
+    async with (
+        connect_as(first, "alice") as here,
+        connect_as(second, "alice") as there,
+        AsyncPublisher(cluster.url) as publisher,
+    ):
+        assert await publisher.disconnect("alice", code=4000) == ControlResult(2, 2, 2)
+        for ws in (here, there):
+            assert (await closed_with(ws))[0] == 4000

@@ -1,0 +1,321 @@
+"""Presence and join/leave: who is on a channel across replicas, the frames that say who came
+and went (coalesced), and the leaves of a replica that died, sent once by a survivor.
+
+Real replicas on the memory backplane, on one real Redis and on the cluster harness; replicas
+are killed with SIGKILL and Redis restarted on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+
+from publisher import AsyncPublisher, Publisher
+from tests.harness import (
+    GatewayFactory,
+    RedisClusterServers,
+    RedisServer,
+    async_wait_until,
+    client,
+    expect_silence,
+    recv_json,
+    wspublish,
+)
+from tests.test_redis_outages import FAST_RECOVERY
+from tests.test_security import SECRET, refused, token
+
+PRESENCE = {
+    "GATEWAY_PRESENCE_CHANNELS": "room.*,room{*",
+    "GATEWAY_JOIN_LEAVE_CHANNELS": "room.*,room{*",
+    "GATEWAY_PRESENCE_LEASE": "1",
+    "GATEWAY_PRESENCE_TTL": "10",
+}
+WITH_TOKENS = {**PRESENCE, "GATEWAY_JWT_SECRET": SECRET}
+
+
+def as_user(gateway: Any, user: str, channels: str = "", **claims: Any) -> Any:
+    claims.setdefault("channels", ["*"])
+    claims.setdefault("presence", ["room.*"])
+    query = f"&channels={channels}" if channels else ""
+    return client(f"{gateway.ws_url}?token={token(sub=user, **claims)}{query}")
+
+
+async def ask(ws: ClientConnection, payload: dict[str, Any]) -> dict[str, Any]:
+    """Send a request and return its reply, passing over the frames that come meanwhile
+    (subscribed, join, leave)."""
+    await ws.send(json.dumps(payload))
+    while True:
+        frame = await recv_json(ws)
+        if frame.get("id") == payload["id"]:
+            return frame
+
+
+async def members(ws: ClientConnection, channel: str) -> list[dict[str, Any]]:
+    """Every member, page after page."""
+    found: list[dict[str, Any]] = []
+    cursor = "0"
+    while True:
+        page = await ask(ws, {"op": "presence", "channel": channel, "cursor": cursor, "id": 1})
+        assert page["op"] == "presence", page
+        found.extend(page["members"])
+        cursor = page["cursor"]
+        if cursor == "0":
+            return found
+
+
+async def events(ws: ClientConnection, op: str, count: int, timeout: float) -> list[list[Any]]:
+    """The members lists of ``op`` frames until ``count`` members were named in all."""
+    frames: list[list[Any]] = []
+    deadline = time.monotonic() + timeout
+    while sum(len(f) for f in frames) < count:
+        frame = await recv_json(ws, timeout=max(0.1, deadline - time.monotonic()))
+        if frame["op"] == op:
+            frames.append(frame["members"])
+    return frames
+
+
+async def test_presence_and_join_leave_on_the_memory_backplane(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = gateway_factory(PRESENCE)
+    async with client(f"{gateway.ws_url}?channels=room.1") as first:
+        assert await recv_json(first) == {"op": "subscribed", "channel": "room.1"}
+        [[me]] = await events(first, "join", 1, 5)  # its own, which tells it its client id
+        assert me["user"] is None
+        async with client(f"{gateway.ws_url}?channels=room.1") as second:
+            await recv_json(second)
+            [[other]] = await events(first, "join", 1, 5)
+            assert other["client"] != me["client"]
+            assert sorted(m["client"] for m in await members(first, "room.1")) == sorted(
+                [me["client"], other["client"]]
+            )
+            stats = await ask(first, {"op": "presence_stats", "channel": "room.1", "id": 2})
+            assert stats == {
+                "op": "presence_stats",
+                "channel": "room.1",
+                "id": 2,
+                "clients": 2,
+                "users": 0,
+            }
+        assert await events(first, "leave", 1, 5) == [[other]]
+        assert await members(first, "room.1") == [me]
+        # Pages are exact here: one member each, then the end.
+        async with client(f"{gateway.ws_url}?channels=room.1") as third:
+            await recv_json(third)
+            [[newcomer]] = await events(first, "join", 1, 5)
+            page = await ask(first, {"op": "presence", "channel": "room.1", "limit": 1, "id": 7})
+            assert (page["members"], page["cursor"]) == ([me], "1")
+            page = await ask(
+                first, {"op": "presence", "channel": "room.1", "limit": 1, "cursor": "1", "id": 8}
+            )
+            assert (page["members"], page["cursor"]) == ([newcomer], "0")
+
+
+async def test_presence_is_one_view_across_replicas_with_users_and_info(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    env = {**WITH_TOKENS, "GATEWAY_REDIS_URL": redis_server.url}
+    here, there = gateway_factory(env), gateway_factory(env)
+    async with as_user(here, "alice", "room.1", info={"name": "Alice"}) as alice:
+        await recv_json(alice)
+        await events(alice, "join", 1, 5)
+        async with (
+            as_user(there, "bob", "room.1") as bob,
+            as_user(there, "bob", "room.1") as bob_again,
+        ):
+            joined = await events(alice, "join", 2, 5)  # seen on the other replica
+            assert sorted(m["user"] for frame in joined for m in frame) == ["bob", "bob"]
+            listed = {m["user"]: m for m in await members(bob, "room.1")}
+            assert listed["alice"]["info"] == {"name": "Alice"} and "info" not in listed["bob"]
+            assert len(await members(alice, "room.1")) == 3
+            stats = await ask(alice, {"op": "presence_stats", "channel": "room.1", "id": 3})
+            assert (stats["clients"], stats["users"]) == (3, 2)
+            # Services read it too: the library, sync and async, and wspublish.
+            with Publisher(redis_server.url) as publisher:
+                assert sorted(m["user"] for m in publisher.presence("room.1")) == [
+                    "alice",
+                    "bob",
+                    "bob",
+                ]
+                assert publisher.presence_stats("room.1") == (3, 2)
+            async with AsyncPublisher(redis_server.url) as publisher:
+                assert await publisher.presence_stats("room.1") == (3, 2)
+            env = {"PUBLISHER_REDIS_URL": redis_server.url}
+            done = await asyncio.to_thread(wspublish, "room.1", "--presence-stats", env=env)
+            assert done.stdout == "clients 3 users 2\n", done.stderr
+            done = await asyncio.to_thread(wspublish, "room.1", "--presence", env=env)
+            assert sorted(json.loads(line)["user"] for line in done.stdout.splitlines()) == [
+                "alice",
+                "bob",
+                "bob",
+            ]
+            assert wspublish("room.1", "{}", "--presence", env=env).returncode == 2
+            await bob_again.close()
+            [[gone]] = await events(alice, "leave", 1, 5)
+            assert gone["user"] == "bob"
+            stats = await ask(alice, {"op": "presence_stats", "channel": "room.1", "id": 4})
+            assert (stats["clients"], stats["users"]) == (2, 2)
+            # Unsubscribing is leaving too.
+            await ask(bob, {"op": "unsubscribe", "channel": "room.1", "id": 5})
+            [[gone]] = await events(alice, "leave", 1, 5)
+            assert gone["user"] == "bob"
+    assert here.metric("wsgateway_presence_members_total", event="join") == 1
+
+
+async def test_a_killed_replica_s_clients_leave_once_within_the_lease(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """200 clients on a replica that is SIGKILLed: every leave arrives exactly once, from
+    the two survivors together, within the documented bound (lease + a third of it, plus
+    the window), and presence no longer lists them."""
+    env = {**WITH_TOKENS, "GATEWAY_REDIS_URL": redis_server.url}
+    survivors = [gateway_factory(env), gateway_factory(env)]
+    doomed = gateway_factory(env)
+    async with contextlib.AsyncExitStack() as stack:
+        watchers = [
+            await stack.enter_async_context(as_user(g, f"watch{n}", "room.big"))
+            for n, g in enumerate(survivors)
+        ]
+        for ws in watchers:
+            await recv_json(ws)
+        await events(watchers[0], "join", 2, 5)
+        doomed_clients = []
+        for n in range(200):
+            ws = await stack.enter_async_context(as_user(doomed, f"user{n}", "room.big"))
+            doomed_clients.append(ws)
+        for ws in doomed_clients:
+            await recv_json(ws)
+        joined = await events(watchers[0], "join", 200, 15)
+        assert all(len(frame) <= 100 for frame in joined)
+        await events(watchers[1], "join", 202, 15)  # the second watcher saw them all too
+        assert len(await members(watchers[0], "room.big")) == 202
+        # Wait for a lease renewal that recorded them, then kill.
+        await asyncio.sleep(1.0)
+        doomed.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        left = await events(watchers[0], "leave", 200, 10)
+        elapsed = time.monotonic() - killed
+        users = [m["user"] for frame in left for m in frame]
+        assert sorted(users) == sorted(f"user{n}" for n in range(200))  # each exactly once
+        assert all(len(frame) <= 100 for frame in left)
+        # Lease 1 s, checked every 1/3 s, the window, and a slow machine's slack.
+        assert elapsed < 1 + 1 / 3 + 0.1 + 2.5, elapsed
+        await expect_silence(watchers[0], 1.0)  # no second copy from the other survivor
+        assert sorted(m["user"] for m in await members(watchers[1], "room.big")) == [
+            "watch0",
+            "watch1",
+        ]
+        reaped = sum(
+            g.metric("wsgateway_presence_members_total", event="reaped") for g in survivors
+        )
+        assert reaped == 200
+
+
+async def test_presence_is_rebuilt_from_the_live_sessions_after_redis_restarts(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    env = {**WITH_TOKENS, **FAST_RECOVERY, "GATEWAY_REDIS_URL": redis_server.url}
+    gateway = gateway_factory(env)
+    async with as_user(gateway, "alice", "room.1") as alice, as_user(gateway, "bob", "room.1"):
+        await async_wait_until(lambda: redis_server.command("HLEN", "{ws:room.1}:presence") == 2)
+        redis_server.kill()  # not durable: everything in it is gone
+        await async_wait_until(lambda: gateway.http("/readyz")[0] == 503)
+        redis_server.start()
+        await async_wait_until(lambda: gateway.http("/readyz")[0] == 200, timeout=15)
+        await async_wait_until(
+            lambda: redis_server.command("HLEN", "{ws:room.1}:presence") == 2, timeout=5
+        )
+        with contextlib.suppress(TimeoutError):
+            while True:  # what was in flight before the outage
+                await recv_json(alice, timeout=0.2)
+        assert sorted(m["user"] for m in await members(alice, "room.1")) == ["alice", "bob"]
+
+
+async def test_presence_on_a_redis_cluster(
+    cluster: RedisClusterServers, gateway_factory: GatewayFactory
+) -> None:
+    env = {**WITH_TOKENS, "GATEWAY_REDIS_URL": cluster.url}
+    here, there = gateway_factory(env), gateway_factory(env)
+    for channel in ("room.plain", "room{7}.chat"):
+        async with (
+            as_user(here, "alice", channel, presence=["*"]) as alice,
+            as_user(there, "bob", channel, presence=["*"]) as bob,
+        ):
+            await recv_json(alice)
+            await recv_json(bob)
+            await events(alice, "join", 2, 5)
+            assert sorted(m["user"] for m in await members(bob, channel)) == ["alice", "bob"]
+            await bob.close()
+            [[gone]] = await events(alice, "leave", 1, 5)
+            assert gone["user"] == "bob"
+
+
+async def test_a_join_storm_is_coalesced_and_presence_pages(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    env = {**PRESENCE, "GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_PRESENCE_PAGE": "100"}
+    gateway = gateway_factory(env)
+    async with contextlib.AsyncExitStack() as stack:
+        watcher = await stack.enter_async_context(client(f"{gateway.ws_url}?channels=room.x"))
+        await recv_json(watcher)
+        await events(watcher, "join", 1, 5)
+        crowd = [
+            await stack.enter_async_context(client(f"{gateway.ws_url}?channels=room.x"))
+            for _ in range(300)
+        ]
+        for ws in crowd:
+            await recv_json(ws)
+        frames = await events(watcher, "join", 300, 15)
+        # 300 joins arrived within a few windows: a handful of frames, none over 100.
+        assert all(len(frame) <= 100 for frame in frames) and len(frames) <= 30, [
+            len(f) for f in frames
+        ]
+        listed = await members(watcher, "room.x")
+        assert len({m["client"] for m in listed}) == 301
+        # Redis returns a hash of up to 512 fields whole (hash-max-listpack-entries), whatever
+        # the limit; beyond that, pages of about the limit (the memory test pages exactly).
+        page = await ask(watcher, {"op": "presence", "channel": "room.x", "limit": 5, "id": 9})
+        assert (len(page["members"]), page["cursor"]) == (301, "0")
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ({"op": "presence", "channel": "news", "id": 1}, "bad_request"),  # no presence there
+        ({"op": "presence_stats", "channel": "news", "id": 1}, "bad_request"),
+        ({"op": "presence", "channel": "room.1", "cursor": "abc", "id": 1}, "bad_request"),
+        ({"op": "presence", "channel": "room.1", "cursor": 5, "id": 1}, "bad_request"),
+        ({"op": "presence", "channel": "room.1", "limit": 0, "id": 1}, "bad_request"),
+        ({"op": "presence", "channel": "bad name", "id": 1}, "bad_request"),
+        ({"op": "presence", "channel": "room.secret", "id": 1}, "forbidden"),  # not in its claim
+        ({"op": "presence_stats", "channel": "@@replicas", "id": 1}, "bad_request"),
+    ],
+)
+async def test_bad_presence_requests_get_documented_errors(
+    gateway_factory: GatewayFactory, payload: dict[str, Any], code: str
+) -> None:
+    gateway = gateway_factory(WITH_TOKENS)
+    async with as_user(gateway, "eve", presence=["room.1"]) as ws:
+        answer = await ask(ws, payload)
+        assert (answer["op"], answer["code"], answer["id"]) == ("error", code, 1), answer
+        assert await ask(ws, {"op": "ping", "id": 2}) == {"op": "pong", "id": 2}
+
+
+def test_join_leave_without_presence_is_refused_at_start(gateway_factory: GatewayFactory) -> None:
+    with pytest.raises(RuntimeError, match="join_leave_channels needs presence_channels"):
+        gateway_factory({"GATEWAY_JOIN_LEAVE_CHANNELS": "room.*"})
+
+
+async def test_an_oversized_info_claim_is_refused(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory(WITH_TOKENS)
+    status, body = await refused(f"{gateway.ws_url}?token={token(info='x' * 1100)}")
+    assert status == 401 and "'info'" in body
+    async with client(f"{gateway.ws_url}?token={token(info='x' * 1000)}"):
+        pass
