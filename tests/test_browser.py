@@ -19,7 +19,10 @@ DEMO = {
     "GATEWAY_DEMO_PAGE": "on",
     "GATEWAY_HISTORY_CHANNELS": "demo.*",
     "GATEWAY_ANONYMOUS_PUBLISH": "demo.*",
+    "GATEWAY_PRESENCE_CHANNELS": "demo.*",
+    "GATEWAY_JOIN_LEAVE_CHANNELS": "demo.*",
 }
+PRESENT = "document.querySelector('#presence li[data-channel=\"demo.room\"]')?.dataset.count"
 
 
 @pytest.fixture
@@ -72,11 +75,30 @@ async def test_the_embedded_gateway_is_usable_with_nothing_but_a_browser(
     notices = await page.evaluate(
         "[...document.getElementById('notices').children].map(item => item.textContent)"
     )
+    notices = [n for n in notices if "joined demo.chat" not in n]  # its own join (presence)
     assert len(notices) == 2 and "refused" in notices[0] and notices[1].endswith("published")
     # The page says what it is, where it may publish, what its columns mean, where the docs are.
     about = await page.evaluate("document.getElementById('about').textContent")
     for words in ("demo.*", "offset", "latency", "docs/protocol.md"):
         assert words in about, words
+
+
+async def test_the_page_shows_who_is_on_a_demo_channel_and_who_comes_and_goes(
+    browser: Browser, redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    env = {**DEMO, "GATEWAY_REDIS_URL": redis_server.url}
+    first, second = gateway_factory(env), gateway_factory(env)  # two tabs, two replicas
+    here = await subscribed_page(browser, first, "demo.room")
+    await here.wait_for(f"{PRESENT} === '1'")
+    there = await subscribed_page(browser, second, "demo.room")
+    await there.wait_for(f"{PRESENT} === '2'")  # read at subscribe: itself and the first
+    await here.wait_for(f"{PRESENT} === '2'")  # told by the join frame
+    assert "joined demo.room" in await here.evaluate(
+        "document.getElementById('notices').textContent"
+    )
+    await there.call("Page.close")  # the tab is closed
+    await here.wait_for(f"{PRESENT} === '1'")
+    assert "left demo.room" in await here.evaluate("document.getElementById('notices').textContent")
 
 
 async def test_the_page_survives_a_gateway_restart_and_shows_what_it_missed(

@@ -93,6 +93,7 @@ def test_numbered_turns_version_1_into_version_2() -> None:
         "ts": 5,
         "traceparent": None,
         "tracestate": None,
+        "event": None,
         "offset": 12,
         "epoch": "ep",
     }

@@ -12,6 +12,7 @@ const channels = new Set(new URLSearchParams(location.search).get("channels")?.s
 const positions = new Map(); // channel -> {offset, epoch} of the last message received
 const pending = new Map(); // request id -> what it was, for its reply
 const confirmed = new Set(); // channels the gateway has confirmed on this connection
+const present = new Map(); // channel -> client id -> member, for channels with presence
 let ws = null, nextId = 1, attempt = 0, openedAt = 0;
 
 const $ = (id) => document.getElementById(id);
@@ -57,12 +58,52 @@ function renderChannels() {
     remove.onclick = () => {
       channels.delete(channel);
       positions.delete(channel);
+      present.delete(channel);
+      renderPresence();
       if (ws?.readyState === WebSocket.OPEN) send({ op: "unsubscribe", channel });
       renderChannels();
     };
     tag.append(remove);
     box.append(tag);
   }
+}
+
+// Who is here, for the channels with presence (demo.* under ./dev run and compose): read once
+// after subscribing, then kept up to date by the join and leave frames.
+function who(member) {
+  return member.user ?? `anonymous ${member.client.slice(0, 6)}`;
+}
+
+function renderPresence() {
+  const box = $("presence");
+  box.replaceChildren();
+  for (const [channel, members] of present) {
+    const line = document.createElement("li");
+    line.dataset.channel = channel;
+    line.dataset.count = members.size;
+    line.textContent = `${channel}: ${members.size} here (${[...members.values()].map(who).join(", ")})`;
+    box.append(line);
+  }
+}
+
+function onPresence(frame) {
+  if (!channels.has(frame.channel)) return;
+  if (frame.op === "presence") {
+    const members = present.get(frame.channel) ?? new Map();
+    for (const member of frame.members) members.set(member.client, member);
+    present.set(frame.channel, members);
+    if (frame.cursor !== "0") send({ op: "presence", channel: frame.channel, cursor: frame.cursor });
+  } else {
+    const members = present.get(frame.channel);
+    if (!members) return; // its presence has not been read yet: the read will include them
+    for (const member of frame.members) {
+      if (frame.op === "join") members.set(member.client, member);
+      else members.delete(member.client);
+    }
+    if (frame.members.length === 1) notice(`${who(frame.members[0])} ${frame.op === "join" ? "joined" : "left"} ${frame.channel}`);
+    else notice(`${frame.members.length} ${frame.op === "join" ? "joined" : "left"} ${frame.channel}`);
+  }
+  renderPresence();
 }
 
 function showMessage(frame) {
@@ -115,9 +156,16 @@ function onReply(frame) {
     }
     confirmed.add(frame.channel);
     renderChannels();
+    if (frame.channel.startsWith("demo.")) {
+      present.delete(frame.channel);
+      send({ op: "presence", channel: frame.channel });
+    }
+  } else if (frame.op === "presence") {
+    onPresence(frame);
   } else if (frame.op === "published") {
     notice("published");
   } else if (frame.op === "error") {
+    if (request?.op === "presence") return; // a demo.* channel without presence: nothing to show
     notice(`${request ? request.op + " " + (request.channel ?? "") : "request"} refused: ${frame.code}: ${frame.message}`);
     if (request?.op === "subscribe") {
       channels.delete(request.channel);
@@ -137,11 +185,14 @@ function connect() {
   ws.onmessage = (event) => {
     const frame = JSON.parse(event.data);
     if (frame.op === "message") onMessage(frame);
+    else if (frame.op === "join" || frame.op === "leave") onPresence(frame);
     else onReply(frame);
   };
   ws.onclose = (event) => {
     pending.clear();
     confirmed.clear();
+    present.clear();
+    renderPresence();
     renderChannels();
     if (openedAt && Date.now() - openedAt >= STABLE_MS) attempt = 0;
     openedAt = 0;
