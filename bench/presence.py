@@ -38,7 +38,7 @@ from bench.fanout import run as fanout_run
 from tests.harness import free_port
 
 PRESENCE = {
-    "GATEWAY_PRESENCE_CHANNELS": "p.*",
+    "GATEWAY_PRESENCE_CHANNELS": "p.*,q.*",
     "GATEWAY_JOIN_LEAVE_CHANNELS": "p.*",
     "GATEWAY_QUEUE_MAX_MESSAGES": "4096",
 }
@@ -60,13 +60,14 @@ class Member:
             op = frame["op"]
             if op in ("join", "leave"):
                 self.frames[op] += 1
-                self.named[op] += len(frame["members"])
+                self.named[op] += len(frame["members"]) + frame.get("more", 0)
             elif "id" in frame:
                 await self.replies.put(frame)
 
     async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         await self.ws.send(json.dumps(request))
-        return await self.replies.get()
+        async with asyncio.timeout(30):
+            return await self.replies.get()
 
 
 async def open_members(url: str, count: int) -> list[Member]:
@@ -97,14 +98,50 @@ class Meter:
     def __init__(self, pid: int, client: redis.Redis) -> None:
         self.pid, self.client = pid, client
 
+    def _calls(self) -> collections.Counter[str]:
+        stats = self.client.info("commandstats")
+        return collections.Counter({name[8:]: int(v["calls"]) for name, v in stats.items()})
+
     def __enter__(self) -> Meter:
         self.cpu = sum(cpu_seconds(self.pid))
-        self.commands = int(self.client.info("stats")["total_commands_processed"])
+        self._before = self._calls()
         return self
 
     def __exit__(self, *_: object) -> None:
         self.cpu = sum(cpu_seconds(self.pid)) - self.cpu
-        self.commands = int(self.client.info("stats")["total_commands_processed"]) - self.commands
+        calls = self._calls() - self._before
+        # The meter's own INFO calls are not the gateway's.
+        calls.pop("info", None)
+        self.by_command = dict(calls.most_common())
+        self.commands = sum(calls.values())
+
+
+async def paced(url: str, channel: str, pid: int, r: redis.Redis, args: Any) -> dict[str, Any]:
+    clients = await open_members(url, args.paced)
+    await asyncio.sleep(1)
+    with Meter(pid, r) as joins:
+        for m in clients:
+            await m.ws.send(json.dumps({"op": "subscribe", "channel": channel}))
+            await asyncio.sleep(1 / args.rate)
+        await asyncio.sleep(1)
+    with Meter(pid, r) as leaves:
+        for m in clients[1:]:
+            await m.ws.send(json.dumps({"op": "unsubscribe", "channel": channel}))
+            await asyncio.sleep(1 / args.rate)
+        await asyncio.sleep(1)
+    for m in clients:
+        await m.ws.close()
+    return {
+        "clients": args.paced,
+        "rate_per_second": args.rate,
+        "cpu_us_per_join": round(joins.cpu * 1e6 / args.paced, 1),
+        "redis_commands_per_join": round(joins.commands / args.paced, 3),
+        "redis_commands_by_name_joins": joins.by_command,
+        "cpu_us_per_leave": round(leaves.cpu * 1e6 / (args.paced - 1), 1),
+        "redis_commands_per_leave": round(leaves.commands / (args.paced - 1), 3),
+        "join_frames_to_the_first": clients[0].frames["join"],
+        "members_named_to_the_first": clients[0].named["join"],
+    }
 
 
 async def scenario(
@@ -112,32 +149,14 @@ async def scenario(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
-    # Paced joins and leaves.
-    paced = await open_members(url, args.paced)
-    await asyncio.sleep(1)
-    with Meter(pid, r) as joins:
-        for m in paced:
-            await m.ws.send(json.dumps({"op": "subscribe", "channel": "p.paced"}))
-            await asyncio.sleep(1 / args.rate)
-        await until(lambda: paced[0].named["join"] >= args.paced, 30)
-        await asyncio.sleep(0.5)
-    with Meter(pid, r) as leaves:
-        for m in paced[1:]:
-            await m.ws.send(json.dumps({"op": "unsubscribe", "channel": "p.paced"}))
-            await asyncio.sleep(1 / args.rate)
-        await until(lambda: paced[0].named["leave"] >= args.paced - 1, 30)
-        await asyncio.sleep(0.5)
-    out["paced"] = {
-        "clients": args.paced,
-        "rate_per_second": args.rate,
-        "cpu_us_per_join": round(joins.cpu * 1e6 / args.paced, 1),
-        "redis_commands_per_join": round(joins.commands / args.paced, 3),
-        "cpu_us_per_leave": round(leaves.cpu * 1e6 / (args.paced - 1), 1),
-        "redis_commands_per_leave": round(leaves.commands / (args.paced - 1), 3),
-        "join_frames_per_member": paced[0].frames["join"],
-    }
-    for m in paced:
-        await m.ws.close()
+    # Paced joins and leaves: presence with join/leave frames (p.*), presence alone (q.*),
+    # and a channel without either, for the baseline of subscribing at all.
+    for label, channel in (
+        ("paced_join_leave", "p.paced"),
+        ("paced_presence_only", "q.paced"),
+        ("paced_no_presence", "n.paced"),
+    ):
+        out[label] = await paced(url, channel, pid, r, args)
 
     # The join storm.
     crowd = await open_members(url, args.clients)
@@ -163,6 +182,7 @@ async def scenario(
         "cpu_ms": round(storm.cpu * 1000, 1),
         "cpu_us_per_join": round(storm.cpu * 1e6 / args.clients, 1),
         "redis_commands": storm.commands,
+        "redis_commands_by_name": storm.by_command,
         "join_frames_per_member_median": sorted(m.frames["join"] for m in sample)[len(sample) // 2],
         "members_named_to_the_first": crowd[0].named["join"],
     }
@@ -201,6 +221,8 @@ async def scenario(
     with Meter(pid, r) as reap:
         doomed.send_signal(signal.SIGKILL)
         killed = time.perf_counter()
+        for m in doomed_members:
+            m.ws.transport.abort()  # their replica is gone: nothing to close
         await until(lambda: crowd[0].named["leave"] >= args.doomed, 120)
         first_done = time.perf_counter() - killed
         await until(lambda: all(m.named["leave"] >= args.doomed for m in sample), 120)
@@ -209,12 +231,14 @@ async def scenario(
     out["leave_storm"] = {
         "members_of_the_dead_replica": args.doomed,
         "room_members_told": args.clients,
+        "named_in_frames_to_the_first": crowd[0].named["leave"],
         "lease_seconds": float(os.environ.get("GATEWAY_PRESENCE_LEASE", "10")),
         "seconds_to_first_member_told_all": round(first_done, 2),
         "seconds_to_sampled_members_told_all": round(all_done, 2),
         "leave_frames_per_member": crowd[0].frames["leave"],
         "cpu_ms": round(reap.cpu * 1000, 1),
         "redis_commands": reap.commands,
+        "redis_commands_by_name": reap.by_command,
     }
     for m in crowd:
         await m.ws.close()

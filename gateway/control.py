@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import StatusCode
 from pydantic import ValidationError
 
 from gateway.backplane import Backplane, BackplaneUnavailable
@@ -87,20 +87,11 @@ class Control:
             where = ".".join(str(part) for part in first["loc"]) or "request"
             self._warn("dropped a malformed control request (%s: %s)", where, first["msg"])
             return None
-        tracer = self.telemetry.tracer
-        span = (
-            tracer.start_span(
-                f"control {request.op}",
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "wsgateway.control.op": request.op,
-                    "enduser.id": request.user,
-                    **({"messaging.destination.name": request.channel} if request.channel else {}),
-                },
-            )
-            if tracer is not None
-            else None
+        span = self.telemetry.control(
+            request.op, request.user, request.traceparent, request.tracestate
         )
+        if span is not None and request.channel is not None:
+            span.set_attribute("messaging.destination.name", request.channel)
         reached = 0
         for session in self.users.sessions(request.user):
             if await self._act_on(session, request):

@@ -21,7 +21,7 @@ from publisher.envelope import (
     is_valid_traceparent,
 )
 
-__all__ = ["EVENTS", "MAX_BYTES", "Envelope", "MalformedEnvelope", "decode_envelope"]
+__all__ = ["EVENTS", "MAX_BYTES", "Envelope", "EventData", "MalformedEnvelope", "decode_envelope"]
 
 #: The largest envelope the gateway takes by default: the publishers' limit, plus room for
 #: the offset and epoch a history append adds.
@@ -46,6 +46,17 @@ class Envelope(msgspec.Struct, frozen=True):
 
 #: What ``event`` may say. Publishers never set it: replicas do, for presence.
 EVENTS = ("join", "leave")
+
+
+class EventData(msgspec.Struct):
+    """The ``data`` of a join or leave event: the members named, and how many more there
+    were (announced by count only: a storm)."""
+
+    members: list[msgspec.Raw]
+    more: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+_event_data = msgspec.json.Decoder(EventData)
 
 
 class _Wire(msgspec.Struct):
@@ -112,8 +123,13 @@ def decode_envelope(payload: bytes, channel: str, max_bytes: int = MAX_BYTES) ->
         raise MalformedEnvelope("schema", "mid must be 1 to 128 printable ASCII characters")
     if wire.traceparent is not None and not is_valid_traceparent(wire.traceparent):
         raise MalformedEnvelope("schema", "traceparent is not a W3C traceparent")
-    if wire.event is not None and wire.event not in EVENTS:
-        raise MalformedEnvelope("schema", "event must be join or leave")
+    if wire.event is not None:
+        if wire.event not in EVENTS:
+            raise MalformedEnvelope("schema", "event must be join or leave")
+        try:
+            _event_data.decode(wire.data)
+        except msgspec.ValidationError as exc:
+            raise MalformedEnvelope("schema", f"an event's data: {exc}") from None
     offset = epoch = None
     if wire.v == 2:
         if not wire.offset or not wire.epoch:

@@ -2,10 +2,15 @@
 leave frames, and the lease that lets the other replicas send their leaves if it dies.
 
 Joins and leaves of a channel are gathered for ``window`` seconds, then written to the store
-in one call and sent as one ``join`` and one ``leave`` frame listing up to
-:data:`EVENT_MEMBERS` members each: a storm (10,000 clients arriving, or the clients of a
-dead replica leaving) costs each member of the room a frame per 100 of them, not one each.
-A client that joins and leaves within one window is written and announced not at all.
+in one call. Each window the replica sends a channel at most one ``join`` and one ``leave``
+frame, of at most :data:`EVENT_MEMBERS` members; the rest wait for the next windows, in
+order. When more than :data:`STORM_MEMBERS` wait, the frame lists :data:`EVENT_MEMBERS` of
+them and says how many more there are (``more``), and the others are announced by that count
+only: whoever needs every name reads presence. So a storm (10,000 clients arriving, a dead
+replica's clients leaving) costs each member of the room at most two frames a window, never a
+frame per client, and never more bytes than it can read; up to 1,000 joins or leaves are
+still announced one by one. A client that joins and leaves before its join was announced is
+announced not at all.
 
 Every third of ``presence_ttl`` the replica pushes its members' expiry forward, and every
 third of ``presence_lease`` it renews its lease (recording the members it gained and lost) and
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 import uuid
@@ -34,12 +40,15 @@ if TYPE_CHECKING:
     from gateway.session import Session
     from gateway.stats import Stats
 
-__all__ = ["EVENT_MEMBERS", "Presence"]
+__all__ = ["EVENT_MEMBERS", "STORM_MEMBERS", "Presence"]
 
 log = logging.getLogger("gateway.presence")
 
 #: Members one join or leave frame lists at most.
 EVENT_MEMBERS = 100
+#: Joins (or leaves) waiting to be announced on one channel beyond which they are announced
+#: by their count.
+STORM_MEMBERS = 1000
 
 
 class _Entry(msgspec.Struct, omit_defaults=True):
@@ -48,20 +57,43 @@ class _Entry(msgspec.Struct, omit_defaults=True):
     info: msgspec.Raw | None = None
 
 
+class _EventData(msgspec.Struct, omit_defaults=True):
+    members: msgspec.Raw
+    more: int = 0
+
+
 class _Event(msgspec.Struct):
     v: int
     channel: str
-    data: msgspec.Raw
+    data: _EventData
     mid: str
     ts: int
     event: str
 
 
+class _Client(msgspec.Struct):
+    client: str
+
+
 _encode = msgspec.json.encode
+_client_of = msgspec.json.Decoder(_Client)
 
 
 def client_id(session: Session) -> str:
     return session.connection.id.hex
+
+
+class _Announcements:
+    """A channel's joins and leaves written and not yet announced, in order, by client."""
+
+    __slots__ = ("join", "leave")
+
+    def __init__(self) -> None:
+        self.join: dict[str, bytes] = {}
+        self.leave: dict[str, bytes] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.join or self.leave)
 
 
 class _Pending:
@@ -85,6 +117,7 @@ class Presence:
         #: channel -> session -> its member, for the channels with presence only.
         self._members: dict[str, dict[Session, Member]] = {}
         self._pending: dict[str, _Pending] = {}
+        self._announcements: dict[str, _Announcements] = {}
         self._lease_added: list[str] = []
         self._lease_removed: list[str] = []
         self._flush: asyncio.TimerHandle | None = None
@@ -142,7 +175,7 @@ class Presence:
         task.add_done_callback(_log_failure)
 
     async def flush(self) -> None:
-        """Write what is pending and send its events; what cannot be written (Redis is
+        """Write what is pending and announce what is due; what cannot be written (Redis is
         down) is dropped: the rebuild after the outage writes the members that are still
         here, and their leaves of the meantime are lost with the outage's messages."""
         async with self._writing:
@@ -155,32 +188,55 @@ class Presence:
                         joins = list(changes.joins.values())
                         await store.join(channel, joins, ttl_ms)
                         self.stats.presence["join"] += len(joins)
-                        await self._announce(channel, "join", [entry for _, _, entry in joins])
+                        self._queue(channel, "join", [entry for _, _, entry in joins])
                     if changes.leaves:
                         removed = await store.leave(channel, changes.leaves)
                         self.stats.presence["leave"] += len(removed)
-                        await self._announce(channel, "leave", removed)
+                        self._queue(channel, "leave", removed)
                 except BackplaneUnavailable as exc:
                     self._warn("presence of %s not written: %s", channel, exc)
+            await self._announce_due()
 
-    async def _announce(self, channel: str, event: str, entries: list[bytes]) -> None:
+    def _queue(self, channel: str, event: str, entries: list[bytes]) -> None:
+        """Wait ``entries`` for their announcement (on channels with join/leave)."""
         if not entries or not self.policy.announces(channel):
             return
+        waiting = self._announcements.get(channel)
+        if waiting is None:
+            waiting = self._announcements[channel] = _Announcements()
+        for entry in entries:
+            client = _client_of.decode(entry).client
+            if event == "leave" and waiting.join.pop(client, None) is not None:
+                continue  # it comes and goes before anyone was told it came
+            getattr(waiting, event)[client] = entry
+
+    async def _announce_due(self) -> None:
+        """Send each channel its frames of this window; come back next window for the rest."""
         store = self.backplane.presence
-        for start in range(0, len(entries), EVENT_MEMBERS):
-            chunk = entries[start : start + EVENT_MEMBERS]
-            payload = _encode(
-                _Event(
-                    1,
-                    channel,
-                    msgspec.Raw(b"[" + b",".join(chunk) + b"]"),
-                    uuid.uuid4().hex,
-                    time.time_ns() // 1_000_000,
-                    event,
-                )
-            )
-            await store.event(channel, payload)
-            self.stats.presence_events[event] += 1
+        for channel, waiting in list(self._announcements.items()):
+            for event in ("join", "leave"):
+                queued: dict[str, bytes] = getattr(waiting, event)
+                if not queued:
+                    continue
+                clients = list(itertools.islice(queued, EVENT_MEMBERS))
+                listed = [queued.pop(client) for client in clients]
+                more = 0
+                if len(queued) >= STORM_MEMBERS:
+                    more = len(queued)
+                    queued.clear()
+                data = _EventData(msgspec.Raw(b"[" + b",".join(listed) + b"]"), more)
+                ts = time.time_ns() // 1_000_000
+                payload = _encode(_Event(1, channel, data, uuid.uuid4().hex, ts, event))
+                try:
+                    await store.event(channel, payload)
+                except BackplaneUnavailable as exc:
+                    self._warn("%s frame for %s not sent: %s", event, channel, exc)
+                    continue
+                self.stats.presence_events[event] += 1
+            if not waiting:
+                del self._announcements[channel]
+        if self._announcements:
+            self._schedule()
 
     # Reading (the presence and presence_stats ops)
 
@@ -225,7 +281,10 @@ class Presence:
         for channel, held in list(self._members.items()):
             entries = list(held.values())
             for start in range(0, len(entries), 500):
-                await store.join(channel, entries[start : start + 500], ttl_ms)
+                batch = entries[start : start + 500]
+                # Only the expiry, unless Redis lost some (a restart): then the entries too.
+                if record or await store.touch(channel, [c for c, _, _ in batch], ttl_ms):
+                    await store.join(channel, batch, ttl_ms)
             if record:
                 self._lease_added.extend(member(client, channel) for client, _, _ in entries)
 
@@ -250,7 +309,8 @@ class Presence:
                 removed = await self.backplane.presence.leave(channel, clients)
                 left += len(removed)
                 self.stats.presence["reaped"] += len(removed)
-                await self._announce(channel, "leave", removed)
+                self._queue(channel, "leave", removed)
+            await self._announce_due()
             log.warning(
                 "replica %s lost its lease: sent the leaves of its %d members on %d channels",
                 replica,

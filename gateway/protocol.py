@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import msgspec
 from websockets.frames import Frame, Opcode
 
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, EventData
 from publisher.envelope import CHANNEL_MAX_LENGTH, is_valid_channel, is_valid_epoch
 
 __all__ = [
@@ -246,10 +246,14 @@ class _HistoryMessage(msgspec.Struct):
     epoch: str
 
 
-class _Event(msgspec.Struct):
+class _Event(msgspec.Struct, omit_defaults=True):
     op: str
     channel: str
-    members: msgspec.Raw
+    members: list[msgspec.Raw]
+    more: int = 0
+
+
+_event_data = msgspec.json.Decoder(EventData)
 
 
 class _Presence(msgspec.Struct):
@@ -307,7 +311,8 @@ def message(envelope: Envelope) -> Outbound:
     event is a ``join`` or ``leave`` frame listing the members.
     """
     if envelope.event is not None:
-        return Outbound(_encode(_Event(envelope.event, envelope.channel, envelope.data)))
+        data = _event_data.decode(envelope.data)  # its shape checked by decode_envelope
+        return Outbound(_encode(_Event(envelope.event, envelope.channel, data.members, data.more)))
     if envelope.offset is None or envelope.epoch is None:
         return Outbound(
             _encode(
@@ -365,9 +370,7 @@ def presence(channel: str, request_id: int | None, members: bytes, cursor: str) 
 
 
 def presence_stats(channel: str, request_id: int | None, clients: int, users: int) -> Outbound:
-    return Outbound(
-        _encode(_PresenceStats("presence_stats", channel, request_id, clients, users))
-    )
+    return Outbound(_encode(_PresenceStats("presence_stats", channel, request_id, clients, users)))
 
 
 def error(exc: RequestError) -> Outbound:

@@ -220,18 +220,10 @@ class Telemetry:
         span once the message has been handed to every subscriber.
         """
         assert self.tracer is not None
-        links = []
-        if envelope.traceparent is not None:
-            carrier = {"traceparent": envelope.traceparent}
-            if envelope.tracestate is not None:
-                carrier["tracestate"] = envelope.tracestate
-            context = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
-            if context.is_valid:
-                links.append(Link(context))
         return self.tracer.start_span(
             f"process {envelope.channel}",
             kind=SpanKind.CONSUMER,
-            links=links,
+            links=links_to(envelope.traceparent, envelope.tracestate),
             start_time=start_time,
             attributes={
                 "messaging.system": "redis",
@@ -239,6 +231,19 @@ class Telemetry:
                 "messaging.destination.name": envelope.channel,
                 "messaging.message.id": envelope.mid,
             },
+        )
+
+    def control(
+        self, op: str, user: str, traceparent: str | None, tracestate: str | None
+    ) -> Span | None:
+        """A CONSUMER span ``control <op>`` linked to the service's span, if tracing is on."""
+        if self.tracer is None:
+            return None
+        return self.tracer.start_span(
+            f"control {op}",
+            kind=SpanKind.CONSUMER,
+            links=links_to(traceparent, tracestate),
+            attributes={"wsgateway.control.op": op, "enduser.id": user},
         )
 
     @staticmethod
@@ -249,3 +254,14 @@ class Telemetry:
     def shutdown(self) -> None:
         for provider in self._owned:
             provider.shutdown()
+
+
+def links_to(traceparent: str | None, tracestate: str | None) -> list[Link]:
+    """A link to the span whose context a publisher sent, if it sent a valid one."""
+    if traceparent is None:
+        return []
+    carrier = {"traceparent": traceparent}
+    if tracestate is not None:
+        carrier["tracestate"] = tracestate
+    context = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
+    return [Link(context)] if context.is_valid else []

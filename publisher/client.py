@@ -101,7 +101,7 @@ class _Base:
         span, and yield it with the control channel, the request, and its ack list (None
         when nobody waits: ``timeout`` <= 0)."""
         request_id = new_mid() if timeout > 0 else None
-        request = build_control(op, user, request_id=request_id, **fields)
+        build_control(op, user, request_id=request_id, **fields)  # refused before the span
         with self._tracer.start_as_current_span(
             f"control {op}",
             kind=SpanKind.PRODUCER,
@@ -113,6 +113,16 @@ class _Base:
                 "enduser.id": user,
             },
         ) as span:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            request = build_control(
+                op,
+                user,
+                request_id=request_id,
+                traceparent=carrier.get("traceparent"),
+                tracestate=carrier.get("tracestate"),
+                **fields,
+            )
             acks = ack_key(self.prefix, request_id) if request_id is not None else None
             yield span, (self.prefix + CONTROL_CHANNEL).encode(), request, acks
 

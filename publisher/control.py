@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from publisher.envelope import MID_PATTERN, Channel
+from publisher.envelope import MID_PATTERN, TRACEPARENT_PATTERN, TRACESTATE_MAX_LENGTH, Channel
 
 __all__ = [
     "ACK_LUA",
@@ -96,6 +96,14 @@ class ControlRequest(BaseModel):
         default="disconnected by the service",
         description=f"disconnect only: the close reason, at most {MAX_REASON_BYTES} UTF-8 bytes",
     )
+    traceparent: str | None = Field(
+        default=None,
+        pattern=TRACEPARENT_PATTERN,
+        description="W3C traceparent of the service's span: the replicas' spans link to it",
+    )
+    tracestate: str | None = Field(
+        default=None, max_length=TRACESTATE_MAX_LENGTH, description="W3C tracestate"
+    )
     id: str | None = Field(
         default=None,
         pattern=MID_PATTERN,
@@ -167,6 +175,8 @@ def build_control(
     code: int | None = None,
     reason: str | None = None,
     request_id: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> bytes:
     """Validate and encode one request; raise :class:`ControlError` on any bad input."""
     fields: dict[str, Any] = {"v": 1, "op": op, "user": user, "channel": channel}
@@ -175,6 +185,8 @@ def build_control(
     if reason is not None:
         fields["reason"] = reason
     fields["id"] = request_id
+    fields["traceparent"] = traceparent
+    fields["tracestate"] = tracestate or None
     try:
         request = ControlRequest.model_validate(fields, strict=True)
     except ValidationError as exc:

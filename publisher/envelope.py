@@ -14,7 +14,7 @@ import math
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import msgspec
 from pydantic import (
@@ -26,6 +26,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -146,8 +147,9 @@ class EnvelopeV1(BaseModel):
     )
     event: Literal["join", "leave"] | None = Field(
         default=None,
-        description="set by gateway replicas only, on their presence events (`data` lists the "
-        "members); publishers leave it out",
+        description="set by gateway replicas only, on their presence events, whose `data` is "
+        '{"members": [<entry>, ...], "more": <count of members not listed, default 0>}; '
+        "publishers leave it out",
     )
 
     @field_validator("data")
@@ -164,6 +166,21 @@ class EnvelopeV1(BaseModel):
             elif isinstance(item, list | tuple | set | frozenset):
                 pending.extend(item)
         return value
+
+    @model_validator(mode="after")
+    def _event_data(self) -> Self:
+        # A replica's event names its members: {"members": [...], "more": <int >= 0>}.
+        if self.event is not None:
+            data = self.data
+            more = data.get("more", 0) if isinstance(data, dict) else None
+            if (
+                not isinstance(data, dict)
+                or not isinstance(data.get("members"), list)
+                or type(more) is not int
+                or more < 0
+            ):
+                raise ValueError('an event\'s data is {"members": [...], "more": <n >= 0>}')
+        return self
 
     @field_validator("v", mode="before")
     @classmethod

@@ -35,6 +35,7 @@ __all__ = [
     "READ_LUA",
     "REPLICAS",
     "STATS_LUA",
+    "TOUCH_LUA",
     "PresencePolicy",
     "member",
     "member_parts",
@@ -132,6 +133,25 @@ for i = 5, #ARGV, 3 do
 end
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[4]) end
 return added
+"""
+)
+
+#: KEYS: presence_keys. ARGV: PURGE, now ms, expiry ms (now + ttl), ttl ms, then client ids.
+#: Pushes the expiry of those that are there forward; returns how many were not (Redis lost
+#: them: the replica writes them again).
+TOUCH_LUA = (
+    _PURGE
+    + """
+purge(tonumber(ARGV[1]), ARGV[2])
+local missing = 0
+for i = 5, #ARGV do
+  if redis.call('ZADD', KEYS[2], 'XX', 'CH', ARGV[3], ARGV[i]) == 0
+      and not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+    missing = missing + 1
+  end
+end
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[4]) end
+return missing
 """
 )
 

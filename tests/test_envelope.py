@@ -170,6 +170,11 @@ ALTERNATIVES: dict[str, st.SearchStrategy[Any]] = {
     "epoch": st.sampled_from(["e1", "ab_CD-9", "", "a b", "x" * 65, "é"]) | field_values,
     "event": st.sampled_from([None, "join", "leave", "Join", ""]) | field_values,
 }
+# An event's data is its members: a few right and wrong shapes of it, besides any JSON.
+ALTERNATIVES["data"] = ALTERNATIVES["data"] | st.fixed_dictionaries(
+    {"members": st.sampled_from([[], [{"client": "c"}], "x", None])},
+    optional={"more": st.sampled_from([0, 3, -1, 1.0, True, "2"])},
+)
 VALID = {
     **GOOD,
     "traceparent": None,

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 
 from publisher import AsyncPublisher, Publisher
 from tests.harness import (
@@ -47,6 +47,11 @@ def as_user(gateway: Any, user: str, channels: str = "", **claims: Any) -> Any:
     return client(f"{gateway.ws_url}?token={token(sub=user, **claims)}{query}")
 
 
+def drop(sockets: list[ClientConnection]) -> None:
+    for ws in sockets:
+        ws.transport.abort()
+
+
 async def ask(ws: ClientConnection, payload: dict[str, Any]) -> dict[str, Any]:
     """Send a request and return its reply, passing over the frames that come meanwhile
     (subscribed, join, leave)."""
@@ -71,13 +76,16 @@ async def members(ws: ClientConnection, channel: str) -> list[dict[str, Any]]:
 
 
 async def events(ws: ClientConnection, op: str, count: int, timeout: float) -> list[list[Any]]:
-    """The members lists of ``op`` frames until ``count`` members were named in all."""
+    """The members lists of ``op`` frames until ``count`` members were named or counted
+    (``more``) in all."""
     frames: list[list[Any]] = []
     deadline = time.monotonic() + timeout
-    while sum(len(f) for f in frames) < count:
+    counted = 0
+    while counted < count:
         frame = await recv_json(ws, timeout=max(0.1, deadline - time.monotonic()))
         if frame["op"] == op:
             frames.append(frame["members"])
+            counted += len(frame["members"]) + frame.get("more", 0)
     return frames
 
 
@@ -216,6 +224,34 @@ async def test_a_killed_replica_s_clients_leave_once_within_the_lease(
             g.metric("wsgateway_presence_members_total", event="reaped") for g in survivors
         )
         assert reaped == 200
+
+
+async def test_a_leave_storm_beyond_a_thousand_is_announced_by_count(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """1,150 members of a killed replica: the watcher gets one frame naming 100 of them and
+    counting the other 1,050, not 12 frames, and presence is exact."""
+    env = {**PRESENCE, "GATEWAY_REDIS_URL": redis_server.url}
+    survivor, doomed = gateway_factory(env), gateway_factory(env)
+    async with contextlib.AsyncExitStack() as stack:
+        watcher = await stack.enter_async_context(client(f"{survivor.ws_url}?channels=room.big"))
+        await recv_json(watcher)
+        # Not read after their subscribe: their reading pauses under the join frames, so
+        # they would not see the kill either; they are dropped after it, not closed.
+        crowd = [await connect(f"{doomed.ws_url}?channels=room.big") for _ in range(1150)]
+        stack.callback(drop, crowd)
+        for ws in crowd:
+            await recv_json(ws)
+        await events(watcher, "join", 1151, 30)
+        await asyncio.sleep(1.0)  # a lease renewal records them
+        doomed.signal(signal.SIGKILL)
+        frame = await recv_json(watcher, timeout=10)
+        while frame["op"] != "leave":
+            frame = await recv_json(watcher, timeout=10)
+        assert (len(frame["members"]), frame["more"]) == (100, 1050)
+        await expect_silence(watcher, 1.0)
+        stats = await ask(watcher, {"op": "presence_stats", "channel": "room.big", "id": 1})
+        assert stats["clients"] == 1
 
 
 async def test_presence_is_rebuilt_from_the_live_sessions_after_redis_restarts(

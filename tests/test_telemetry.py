@@ -124,6 +124,32 @@ async def test_a_publish_makes_a_producer_span_and_a_linked_consumer_span(
     )
 
 
+async def test_a_control_request_is_traced_from_the_service_to_the_replica(
+    observed: Observed, redis_server: RedisServer
+) -> None:
+    service_spans = InMemorySpanExporter()
+    service_tracing = TracerProvider()
+    service_tracing.add_span_processor(SimpleSpanProcessor(service_spans))
+    async with AsyncPublisher(redis_server.url, tracer_provider=service_tracing) as pub:
+        result = await pub.subscribe("alice", "room.1")
+    assert (result.replicas, result.acknowledged, result.connections) == (1, 1, 0)
+    [producer] = service_spans.get_finished_spans()
+    assert producer.name == "control subscribe" and producer.kind is SpanKind.PRODUCER
+    assert producer.attributes is not None
+    assert producer.attributes["wsgateway.control.acknowledged"] == 1
+    await async_wait_until(lambda: observed.finished("control subscribe"))
+    [consumer] = observed.finished("control subscribe")
+    assert consumer.kind is SpanKind.CONSUMER
+    assert consumer.attributes is not None
+    assert consumer.attributes["enduser.id"] == "alice"
+    assert consumer.attributes["messaging.destination.name"] == "room.1"
+    assert consumer.attributes["wsgateway.control.connections"] == 0
+    [link] = consumer.links
+    assert producer.context is not None
+    assert link.context.trace_id == producer.context.trace_id
+    assert observed.metric("wsgateway.control.requests", op="subscribe", result="ok") == 1
+
+
 async def test_counters_move_by_exactly_the_expected_amounts(
     observed: Observed, redis_server: RedisServer
 ) -> None:

@@ -163,6 +163,10 @@ class PresenceStore(abc.ABC):
         """Add ``members`` (or push their expiry ``ttl_ms`` forward); return how many were new."""
 
     @abc.abstractmethod
+    async def touch(self, channel: str, clients: list[str], ttl_ms: int) -> int:
+        """Push the expiry of ``clients`` forward; return how many the store did not have."""
+
+    @abc.abstractmethod
     async def leave(self, channel: str, clients: list[str]) -> list[bytes]:
         """Remove ``clients``; return the entries of those that were there."""
 

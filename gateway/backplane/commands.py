@@ -25,6 +25,7 @@ from publisher.presence import (
     PURGE,
     REPLICAS,
     STATS_LUA,
+    TOUCH_LUA,
     presence_keys,
     replica_key,
 )
@@ -56,6 +57,7 @@ class RedisCommands(PresenceStore):
         self._leave = client.register_script(LEAVE_LUA)
         self._page = client.register_script(PRESENCE_READ_LUA)
         self._stats = client.register_script(STATS_LUA)
+        self._touch = client.register_script(TOUCH_LUA)
         self._replicas = self.names.prefix + REPLICAS
 
     async def publish(self, channel: str, envelope: bytes) -> int:
@@ -108,6 +110,10 @@ class RedisCommands(PresenceStore):
         for client, user, entry in members:
             args += (client, user or "", entry)
         return int(await self._run(self._join, channel, args))
+
+    async def touch(self, channel: str, clients: list[str], ttl_ms: int) -> int:
+        args: list[Any] = [_now_ms() + ttl_ms, ttl_ms, *clients]
+        return int(await self._run(self._touch, channel, args))
 
     async def leave(self, channel: str, clients: list[str]) -> list[bytes]:
         return list(await self._run(self._leave, channel, list(clients)))

@@ -43,6 +43,10 @@ class MemoryPresence(PresenceStore):
             held[client] = (user, entry)
         return len(held) - before
 
+    async def touch(self, channel: str, clients: list[str], ttl_ms: int) -> int:
+        held = self._members.get(channel, {})
+        return sum(1 for client in clients if client not in held)
+
     async def leave(self, channel: str, clients: list[str]) -> list[bytes]:
         held = self._members.get(channel, {})
         removed = []
