@@ -37,6 +37,8 @@ from gateway.throttle import Throttle
 from publisher.presence import PresencePolicy, member, member_parts
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
     from gateway.session import Session
     from gateway.stats import Stats
 
@@ -108,9 +110,15 @@ class _Pending:
 
 class Presence:
     def __init__(
-        self, replica: str, backplane: Backplane, policy: PresencePolicy, stats: Stats
+        self,
+        replica: str,
+        backplane: Backplane,
+        policy: PresencePolicy,
+        stats: Stats,
+        tracer: Tracer | None = None,
     ) -> None:
         self.replica = replica
+        self.tracer = tracer
         self.backplane = backplane
         self.policy = policy
         self.stats = stats
@@ -300,16 +308,24 @@ class Presence:
 
     async def _reap(self) -> None:
         for replica, members in await self.backplane.presence.claim_dead():
+            span = self.tracer.start_span("presence reap") if self.tracer is not None else None
             by_channel: dict[str, list[str]] = collections.defaultdict(list)
             for raw in members:
                 client, channel = member_parts(raw)
                 by_channel[channel].append(client)
             left = 0
-            for channel, clients in by_channel.items():
-                removed = await self.backplane.presence.leave(channel, clients)
-                left += len(removed)
-                self.stats.presence["reaped"] += len(removed)
-                self._queue(channel, "leave", removed)
+            try:
+                for channel, clients in by_channel.items():
+                    removed = await self.backplane.presence.leave(channel, clients)
+                    left += len(removed)
+                    self.stats.presence["reaped"] += len(removed)
+                    self._queue(channel, "leave", removed)
+            finally:
+                if span is not None:
+                    span.set_attribute("wsgateway.presence.replica", replica)
+                    span.set_attribute("wsgateway.presence.members", left)
+                    span.set_attribute("wsgateway.presence.channels", len(by_channel))
+                    span.end()
             await self._announce_due()
             log.warning(
                 "replica %s lost its lease: sent the leaves of its %d members on %d channels",

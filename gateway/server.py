@@ -148,7 +148,13 @@ class Gateway:
             self.telemetry,
         )
         self.hub.listen(CONTROL_CHANNEL, self.control.receive)
-        self.presence = Presence(self.name, self.hub.backplane, settings.presence(), self.stats)
+        self.presence = Presence(
+            self.name,
+            self.hub.backplane,
+            settings.presence(),
+            self.stats,
+            self.telemetry.tracer,
+        )
         self.hub.on_joined = self.presence.joined
         self.hub.on_left = self.presence.left
         backplane = self.hub.backplane

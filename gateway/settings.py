@@ -269,8 +269,8 @@ class Settings(BaseSettings):
     )
     presence_window: Seconds = Field(
         0.1,
-        description="seconds a replica gathers a channel's joins and leaves before writing "
-        "them to Redis and sending them as one join and one leave frame",
+        description="seconds a replica gathers joins and leaves before writing them to Redis; "
+        "each channel gets at most one join and one leave frame per window",
     )
     anonymous_presence: str = Field(
         "*",
