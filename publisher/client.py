@@ -58,6 +58,25 @@ class _Base:
         self._publish_command = "SPUBLISH" if self.sharded else "PUBLISH"
 
     @contextmanager
+    def _producing(
+        self, name: str, destination: str, attributes: dict[str, str]
+    ) -> Iterator[tuple[Span, dict[str, str]]]:
+        """A PRODUCER span, current, and the carrier of its context for the request."""
+        with self._tracer.start_as_current_span(
+            name,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": destination,
+                **attributes,
+            },
+        ) as span:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            yield span, carrier
+
+    @contextmanager
     def _sending(
         self, channel: str, data: Any, mid: str | None
     ) -> Iterator[tuple[Span, bytes, bytes]]:
@@ -65,18 +84,10 @@ class _Base:
         span, and yield it with the Redis channel and the envelope carrying its context."""
         check_channel(channel)
         mid = new_mid() if mid is None else mid
-        with self._tracer.start_as_current_span(
-            f"send {channel}",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "redis",
-                "messaging.operation.type": "send",
-                "messaging.destination.name": channel,
-                "messaging.message.id": mid,
-            },
-        ) as span:
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
+        with self._producing(f"send {channel}", channel, {"messaging.message.id": mid}) as (
+            span,
+            carrier,
+        ):
             envelope = build_envelope(
                 channel,
                 data,
@@ -102,19 +113,9 @@ class _Base:
         when nobody waits: ``timeout`` <= 0)."""
         request_id = new_mid() if timeout > 0 else None
         build_control(op, user, request_id=request_id, **fields)  # refused before the span
-        with self._tracer.start_as_current_span(
-            f"control {op}",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "redis",
-                "messaging.operation.type": "send",
-                "messaging.destination.name": CONTROL_CHANNEL,
-                "wsgateway.control.op": op,
-                "enduser.id": user,
-            },
-        ) as span:
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
+        with self._producing(
+            f"control {op}", CONTROL_CHANNEL, {"wsgateway.control.op": op, "enduser.id": user}
+        ) as (span, carrier):
             request = build_control(
                 op,
                 user,

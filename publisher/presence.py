@@ -96,22 +96,24 @@ def member_parts(entry: bytes | str) -> tuple[str, str]:
     return client, channel
 
 
-# Removes up to ARGV[1] (PURGE) entries that expired before ARGV[2] (now, ms); keys as
-# presence_keys. Shared by every script below.
+# remove(client) takes one member out of the three keys and returns its entry (nil if it was
+# not there); purge(limit, now) removes up to ARGV[1] (PURGE) members that expired before
+# ARGV[2] (now, ms). Keys as presence_keys. Shared by every script below.
 _PURGE = """
+local function remove(client)
+  local entry = redis.call('HGET', KEYS[1], client)
+  redis.call('ZREM', KEYS[2], client)
+  if not entry then return nil end
+  redis.call('HDEL', KEYS[1], client)
+  local user = cjson.decode(entry)['user']
+  if type(user) == 'string' and redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
+    redis.call('HDEL', KEYS[3], user)
+  end
+  return entry
+end
 local function purge(limit, now)
   local gone = redis.call('ZRANGE', KEYS[2], '-inf', '(' .. now, 'BYSCORE', 'LIMIT', 0, limit)
-  for _, client in ipairs(gone) do
-    local entry = redis.call('HGET', KEYS[1], client)
-    redis.call('HDEL', KEYS[1], client)
-    redis.call('ZREM', KEYS[2], client)
-    if entry then
-      local user = cjson.decode(entry)['user']
-      if type(user) == 'string' and redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
-        redis.call('HDEL', KEYS[3], user)
-      end
-    end
-  end
+  for _, client in ipairs(gone) do remove(client) end
 end
 """
 
@@ -163,16 +165,8 @@ LEAVE_LUA = (
 purge(tonumber(ARGV[1]), ARGV[2])
 local removed = {}
 for i = 3, #ARGV do
-  local entry = redis.call('HGET', KEYS[1], ARGV[i])
-  if entry then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-    redis.call('ZREM', KEYS[2], ARGV[i])
-    local user = cjson.decode(entry)['user']
-    if type(user) == 'string' and redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
-      redis.call('HDEL', KEYS[3], user)
-    end
-    removed[#removed + 1] = entry
-  end
+  local entry = remove(ARGV[i])
+  if entry then removed[#removed + 1] = entry end
 end
 return removed
 """
