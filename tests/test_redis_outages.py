@@ -110,7 +110,8 @@ async def test_redis_killed_and_restarted_mid_stream(
         assert after and received[-len(after) :] == after
     logs = gateway.logs()
     assert "lost Redis" in logs
-    assert re.search(r"reconnected to Redis after [0-9.]+s; 1 channels re-subscribed", logs)
+    # The client's channel and the replica's own control channel.
+    assert re.search(r"reconnected to Redis after [0-9.]+s; 2 channels re-subscribed", logs)
     # Backoff is bounded by GATEWAY_RECONNECT_MAX.
     delays = [float(d) for d in re.findall(r"retry \d+ in ([0-9.]+)s", logs)]
     assert delays and max(delays) <= 0.5
