@@ -133,10 +133,6 @@ class Presence:
         self._rebuild = False
         self._log = Throttle()
 
-    def members(self, channel: str) -> int:
-        """How many of this replica's clients are present on ``channel``."""
-        return len(self._members.get(channel, ()))
-
     # Sessions joining and leaving (called by the hub)
 
     def joined(self, session: Session, channel: str) -> None:
@@ -242,7 +238,7 @@ class Presence:
                     continue
                 self.stats.presence_events[event] += 1
             if not waiting:
-                del self._announcements[channel]
+                self._announcements.pop(channel, None)
         if self._announcements:
             self._schedule()
 
@@ -326,7 +322,8 @@ class Presence:
                     span.set_attribute("wsgateway.presence.members", left)
                     span.set_attribute("wsgateway.presence.channels", len(by_channel))
                     span.end()
-            await self._announce_due()
+            async with self._writing:  # not beside a flush's announcements
+                await self._announce_due()
             log.warning(
                 "replica %s lost its lease: sent the leaves of its %d members on %d channels",
                 replica,
