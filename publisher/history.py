@@ -104,7 +104,8 @@ class HistoryPolicy:
 
 #: KEYS: stream, meta. ARGV: pub/sub channel, version 1 envelope (compact JSON, as built by
 #: publisher.envelope.build_envelope: it starts with {"v":1, and ends with }), size, ttl ms,
-#: retention ms, an epoch to use if the channel has none, and (optional) the publish command,
+#: retention ms, an epoch to use if the channel has none (1 to 64 of ``A-Z a-z 0-9 _ -``,
+#: else the script refuses it), and (optional) the publish command,
 #: PUBLISH or SPUBLISH. Returns {offset, epoch, receivers}.
 #: The stored and published envelope is the same one turned into version 2 with its offset
 #: and epoch; entries older than ttl are trimmed from the head as new ones arrive.
@@ -117,6 +118,10 @@ local stream, meta = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
   epoch = ARGV[6]
+  -- Stored, an invalid epoch would make every message of the channel malformed.
+  if #epoch > 64 or not string.match(epoch, '^[A-Za-z0-9_%-]+$') then
+    return redis.error_reply('ERR epoch must be 1 to 64 of A-Z a-z 0-9 _ -')
+  end
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
 end

@@ -157,6 +157,15 @@ def test_append_script_trims_by_age_and_refuses_foreign_envelopes(
     script = r.register_script(APPEND_LUA)
     with pytest.raises(redis.ResponseError, match="must be compact JSON"):
         script(list(history_keys("ws:", "news")), policy.append_args("ws:news", b'{"v": 1}'))
+    # An epoch the gateways would refuse is not stored for a new channel (found trying the
+    # docs as a publisher in another language: every later message was dropped as malformed).
+    good = build_envelope("fresh", 1)
+    for epoch in ("has space", "", "x" * 65, "é"):
+        args = policy.append_args("ws:fresh", good)
+        args[5] = epoch
+        with pytest.raises(redis.ResponseError, match="epoch must be"):
+            script(list(history_keys("ws:", "fresh")), args)
+    assert r.exists(*history_keys("ws:", "fresh")) == 0
 
 
 def test_a_lost_history_starts_a_new_epoch(redis_server: RedisServer) -> None:
