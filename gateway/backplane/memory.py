@@ -11,7 +11,6 @@ import time
 
 from gateway.backplane.base import Backplane, Member, OnMessage, PresenceStore
 from gateway.history import Page, ReadLimit
-from publisher.control import ACK_TTL_MS
 from publisher.history import HistoryPolicy, new_epoch, numbered
 
 __all__ = ["MemoryBackplane"]
@@ -93,11 +92,6 @@ class MemoryBackplane(Backplane):
         self.presence = MemoryPresence(self)
         # Least recently published first, so silent channels past retention are forgotten.
         self._streams: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
-        #: Control acknowledgements by request id, oldest first, for an in-process service
-        #: (nothing else can reach this backplane); each kept for ACK_TTL_MS.
-        self.acks: collections.OrderedDict[str, tuple[float, list[bytes]]] = (
-            collections.OrderedDict()
-        )
 
     @property
     def connected(self) -> bool:
@@ -123,13 +117,9 @@ class MemoryBackplane(Backplane):
         self.subscribed.add(channel)
 
     async def acknowledge(self, request_id: str, ack: bytes) -> None:
-        now = time.monotonic()
-        acks = self.acks
-        while acks and next(iter(acks.values()))[0] < now:
-            acks.popitem(last=False)
-        _, pushed = acks.pop(request_id, (0.0, []))
-        pushed.append(ack)
-        acks[request_id] = (now + ACK_TTL_MS / 1000, pushed)
+        # Only in-process code could publish a control request here, and nothing in the
+        # process reads acknowledgements: keeping them would be a map nobody empties.
+        pass
 
     async def publish(self, channel: str, envelope: bytes) -> int:
         policy = self.history_policy
