@@ -37,6 +37,7 @@ from tests.harness import (
     expect_silence,
     recv_json,
     request,
+    rss_kib,
     wait_until,
     wspublish,
 )
@@ -288,6 +289,43 @@ async def test_a_malformed_request_is_counted_and_changes_nothing(
             assert publisher.disconnect("alice", reason="after").connections == 1
         assert await closed_with(ws) == (1008, "after")
     assert "malformed control request" in gateway.logs()
+
+
+async def test_a_flood_of_control_requests_is_bounded_and_counted(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """30,000 requests published at once, faster than one task acknowledges them: at most
+    control.QUEUE wait, the rest are dropped and counted, memory stays flat, and the replica
+    still acts on the next request."""
+    gateway = gateway_factory({**ENV, "GATEWAY_REDIS_URL": redis_server.url})
+    assert gateway.process is not None
+    flood = 30_000
+    async with connect_as(gateway, "alice") as ws:
+        before = rss_kib(gateway.process.pid)
+        requests: list[tuple[str | bytes, ...]] = [
+            (
+                "PUBLISH",
+                "ws:" + CONTROL_CHANNEL,
+                build_control("disconnect", f"u{n}", request_id=f"f{n}"),
+            )
+            for n in range(flood)
+        ]
+        for start in range(0, flood, 5000):
+            await asyncio.to_thread(redis_server.pipeline, requests[start : start + 5000])
+
+        def handled() -> float:
+            ok = gateway.metric("wsgateway_control_requests_total", op="disconnect", result="ok")
+            dropped = gateway.metric("wsgateway_control_requests_total", op="-", result="dropped")
+            return ok + dropped
+
+        await async_wait_until(lambda: handled() == flood, timeout=60)
+        dropped = gateway.metric("wsgateway_control_requests_total", op="-", result="dropped")
+        assert 0 < dropped < flood, dropped
+        assert rss_kib(gateway.process.pid) - before < 32 * 1024
+        assert "dropped a control request: 1024 are waiting already" in gateway.logs()
+        with Publisher(redis_server.url) as publisher:
+            assert publisher.disconnect("alice").connections == 1
+        assert (await closed_with(ws))[0] == 1008
 
 
 async def test_clients_cannot_reach_the_control_channel(
