@@ -3,8 +3,12 @@
 ``wspublish --user U --disconnect``, ``wspublish CHANNEL --user U
 --subscribe`` or ``--unsubscribe``.
 
-Exit codes: 0 done (a control request: every gateway acknowledged), 1 Redis unreachable,
-2 bad input, 3 some gateways did not acknowledge within ``--timeout``. Errors are one line on
+With ``--idempotency-key KEY`` or ``--version N``, one message on a history channel is
+published at most once (publisher.history).
+
+Exit codes: 0 done (a control request: every gateway acknowledged; a duplicate: already
+published), 1 Redis unreachable, 2 bad input, 3 some gateways did not acknowledge within
+``--timeout``, 4 a stale version, dropped. Errors are one line on
 stderr.
 """
 
@@ -23,6 +27,7 @@ from publisher import otlp
 from publisher.client import CONTROL_TIMEOUT, Publisher
 from publisher.control import ControlError
 from publisher.envelope import EnvelopeError, check_channel
+from publisher.history import Outcome
 from publisher.settings import PublisherSettings
 
 __all__ = ["main"]
@@ -57,6 +62,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("channel", nargs="?", help="channel name, without prefix")
     parser.add_argument("json", nargs="?", help="the message: any JSON value")
     parser.add_argument("--stdin", action="store_true", help="read one JSON value per line")
+    exactly = parser.add_argument_group(
+        "exactly once", "on a history channel, for one JSON argument (not --stdin)"
+    )
+    exactly.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="a retry with the same KEY within the gateways' idempotency window is not stored "
+        "or sent again: it reports the first message's offset",
+    )
+    exactly.add_argument(
+        "--version",
+        type=int,
+        metavar="N",
+        help="the message's version: dropped (exit 4) unless above the channel's current one",
+    )
     reading = parser.add_argument_group("presence", "read who is on a channel with presence")
     reading.add_argument(
         "--presence", action="store_true", help="print CHANNEL's members, one JSON object a line"
@@ -117,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_channel(args.channel)
     except EnvelopeError as exc:
         _fail(2, str(exc))
+    once = args.idempotency_key is not None or args.version is not None
+    if once and args.stdin:
+        _fail(2, "--idempotency-key and --version are for one message, not --stdin")
     tracing = otlp.tracing_from_env("wspublish")
     published = receivers = 0
     history = defaults.model_copy(update={"history_channels": args.history_channels}).history()
@@ -124,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.redis_url, prefix=args.prefix, tracer_provider=tracing, history=history
     ) as publisher:
         try:
-            for value in _values(args):
+            if once:
+                _append_once(publisher, args)
+            for value in () if once else _values(args):
                 receivers = publisher.publish(args.channel, value)
                 published += 1
         except EnvelopeError as exc:
@@ -133,8 +158,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             _fail(1, f"cannot publish through Redis: {exc}")
     if tracing is not None:
         tracing.shutdown()  # flush the PRODUCER spans before exiting
-    if not args.quiet:
+    if not args.quiet and not once:
         print(f"published {published} message(s); last one reached {receivers} gateway(s)")
+
+
+def _append_once(publisher: Publisher, args: argparse.Namespace) -> None:
+    """Publish one message with an idempotency key or a version; say what became of it."""
+    value = _parse_json(args.json, "JSON")
+    appended = publisher.append(
+        args.channel, value, idempotency_key=args.idempotency_key, version=args.version
+    )
+    where = f"offset {appended.offset} of epoch {appended.epoch}"
+    if appended.outcome is Outcome.STALE:
+        _fail(4, f"version {args.version} is not above the channel's: dropped (top: {where})")
+    if not args.quiet:
+        if appended.outcome is Outcome.DUPLICATE:
+            print(f"already published at {where}: nothing sent again")
+        else:
+            print(f"published at {where}; reached {appended.receivers} gateway(s)")
 
 
 def _read_presence(args: argparse.Namespace) -> None:

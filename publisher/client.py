@@ -23,13 +23,21 @@ from opentelemetry.trace import Span, SpanKind
 
 from publisher.cluster import is_cluster_url, parse_cluster_url
 from publisher.control import CONTROL_CHANNEL, ControlResult, Tally, ack_key, build_control
-from publisher.envelope import MAX_ENVELOPE_BYTES, build_envelope, check_channel, new_mid
-from publisher.history import APPEND_LUA, HistoryPolicy, history_keys
+from publisher.envelope import (
+    MAX_ENVELOPE_BYTES,
+    EnvelopeError,
+    build_envelope,
+    check_channel,
+    is_valid_mid,
+    new_mid,
+)
+from publisher.history import APPEND_LUA, Appended, HistoryPolicy, Outcome, append_keys
+from publisher.kinds import KINDS_KEY, ChannelKinds
 from publisher.presence import PURGE, STATS_LUA, presence_keys
 from publisher.presence import READ_LUA as PRESENCE_READ_LUA
 from publisher.settings import PublisherSettings
 
-__all__ = ["AsyncPublisher", "Publisher"]
+__all__ = ["Appended", "AsyncPublisher", "Outcome", "Publisher"]
 
 #: How long a control request waits for the replicas' acknowledgements by default, seconds.
 CONTROL_TIMEOUT = 2.0
@@ -48,14 +56,20 @@ class _Base:
         defaults = PublisherSettings()
         self.redis_url = redis_url or defaults.redis_url
         self.prefix = defaults.channel_prefix if prefix is None else prefix
-        #: Channels matching it are appended to their stream and numbered, atomically with
-        #: the PUBLISH (publisher.history); default: the PUBLISHER_HISTORY_* settings.
-        self.history = defaults.history() if history is None else history
+        #: Which channels are appended to their stream and numbered, atomically with the
+        #: PUBLISH (publisher.history): what the gateways wrote in Redis (publisher.kinds),
+        #: else ``history``, else the PUBLISHER_HISTORY_* settings.
+        self.kinds = ChannelKinds(defaults.history() if history is None else history)
+        self._kinds_key = self.prefix + KINDS_KEY
         self.max_envelope_bytes = max_envelope_bytes
         self._tracer = trace.get_tracer("wsgateway.publisher", tracer_provider=tracer_provider)
         #: redis+cluster:// URLs publish with SPUBLISH to the node that serves the channel.
         self.sharded = is_cluster_url(self.redis_url)
         self._publish_command = "SPUBLISH" if self.sharded else "PUBLISH"
+
+    @property
+    def history(self) -> HistoryPolicy:
+        return self.kinds.policy
 
     @contextmanager
     def _producing(
@@ -98,11 +112,36 @@ class _Base:
             )
             yield span, (self.prefix + channel).encode(), envelope
 
-    def _append(self, channel: str, key: bytes, envelope: bytes) -> tuple[list[str], list[Any]]:
+    def _append(
+        self,
+        channel: str,
+        key: bytes,
+        envelope: bytes,
+        idempotency_key: str | None = None,
+        version: int | None = None,
+    ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the history append script for one message."""
-        return list(history_keys(self.prefix, channel)), self.history.append_args(
-            key.decode(), envelope, sharded=self.sharded
+        return append_keys(self.prefix, channel), self.history.append_args(
+            key.decode(),
+            envelope,
+            sharded=self.sharded,
+            idempotency_key=idempotency_key,
+            version=version,
         )
+
+    def _check_append(self, idempotency_key: str | None, version: int | None) -> None:
+        """Refuse, before anything reaches Redis, what the append script would refuse."""
+        if idempotency_key is not None and not is_valid_mid(idempotency_key):
+            raise EnvelopeError("idempotency key must be 1 to 128 printable ASCII characters")
+        if version is not None and (type(version) is not int or not 0 <= version <= 2**53):
+            raise EnvelopeError("version must be a whole number from 0 to 2^53")
+
+    def _check_history(self, channel: str) -> None:
+        if not self.history.applies(channel):
+            raise EnvelopeError(
+                f"channel {channel!r} keeps no history: idempotency keys and versions need "
+                "a history channel"
+            )
 
     @contextmanager
     def _controlling(
@@ -143,13 +182,13 @@ class _Base:
         return result
 
     @staticmethod
-    def _appended(span: Span, result: list[Any]) -> int:
-        offset, epoch, receivers = result
-        span.set_attribute("wsgateway.history.offset", int(offset))
-        span.set_attribute(
-            "wsgateway.history.epoch", epoch.decode() if isinstance(epoch, bytes) else epoch
-        )
-        return int(receivers)
+    def _appended(span: Span, reply: list[Any]) -> Appended:
+        appended = Appended.from_reply(reply)
+        span.set_attribute("wsgateway.history.offset", appended.offset)
+        span.set_attribute("wsgateway.history.epoch", appended.epoch)
+        span.set_attribute("wsgateway.history.outcome", appended.outcome.value)
+        span.set_attribute("wsgateway.receivers", appended.receivers)
+        return appended
 
 
 class Publisher(_Base):
@@ -174,12 +213,43 @@ class Publisher(_Base):
     def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
         """Publish ``data`` (any JSON value) to ``channel``; return how many gateways got it."""
         with self._sending(channel, data, mid) as (span, key, envelope):
+            self._follow_kinds()  # after the checks: bad input never reaches Redis
             if self.history.applies(channel):
                 keys, args = self._append(channel, key, envelope)
-                return self._appended(span, self._append_script(keys, args))
+                return self._appended(span, self._append_script(keys, args)).receivers
             receivers = int(self._redis.execute_command(self._publish_command, key, envelope))
             span.set_attribute("wsgateway.receivers", receivers)
             return receivers
+
+    def append(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        mid: str | None = None,
+        idempotency_key: str | None = None,
+        version: int | None = None,
+    ) -> Appended:
+        """Publish ``data`` to history channel ``channel``; return its offset and epoch.
+
+        With ``idempotency_key``, a retry within the idempotency window stores and sends
+        nothing and returns the first message's offset (outcome ``DUPLICATE``). With
+        ``version``, a message whose version is not above the channel's is dropped (outcome
+        ``STALE``, with the channel's current offset). EnvelopeError when ``channel`` keeps
+        no history or an argument is invalid.
+        """
+        self._check_append(idempotency_key, version)
+        with self._sending(channel, data, mid) as (span, key, envelope):
+            self._follow_kinds()
+            self._check_history(channel)
+            keys, args = self._append(channel, key, envelope, idempotency_key, version)
+            return self._appended(span, self._append_script(keys, args))
+
+    def _follow_kinds(self) -> None:
+        """Re-read the gateways' channel kinds when they are due (every few seconds)."""
+        now = time.monotonic()
+        if self.kinds.due(now):
+            self.kinds.update(self._redis.get(self._kinds_key), now)
 
     def disconnect(
         self,
@@ -277,12 +347,43 @@ class AsyncPublisher(_Base):
     async def publish(self, channel: str, data: Any, *, mid: str | None = None) -> int:
         """Publish ``data`` (any JSON value) to ``channel``; return how many gateways got it."""
         with self._sending(channel, data, mid) as (span, key, envelope):
+            await self._follow_kinds()  # after the checks: bad input never reaches Redis
             if self.history.applies(channel):
                 keys, args = self._append(channel, key, envelope)
-                return self._appended(span, await self._append_script(keys, args))
+                return self._appended(span, await self._append_script(keys, args)).receivers
             receivers = int(await self._redis.execute_command(self._publish_command, key, envelope))
             span.set_attribute("wsgateway.receivers", receivers)
             return receivers
+
+    async def append(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        mid: str | None = None,
+        idempotency_key: str | None = None,
+        version: int | None = None,
+    ) -> Appended:
+        """Publish ``data`` to history channel ``channel``; return its offset and epoch.
+
+        With ``idempotency_key``, a retry within the idempotency window stores and sends
+        nothing and returns the first message's offset (outcome ``DUPLICATE``). With
+        ``version``, a message whose version is not above the channel's is dropped (outcome
+        ``STALE``, with the channel's current offset). EnvelopeError when ``channel`` keeps
+        no history or an argument is invalid.
+        """
+        self._check_append(idempotency_key, version)
+        with self._sending(channel, data, mid) as (span, key, envelope):
+            await self._follow_kinds()
+            self._check_history(channel)
+            keys, args = self._append(channel, key, envelope, idempotency_key, version)
+            return self._appended(span, await self._append_script(keys, args))
+
+    async def _follow_kinds(self) -> None:
+        """Re-read the gateways' channel kinds when they are due (every few seconds)."""
+        now = time.monotonic()
+        if self.kinds.due(now):
+            self.kinds.update(await self._redis.get(self._kinds_key), now)
 
     async def disconnect(
         self,

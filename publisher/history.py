@@ -5,30 +5,43 @@ A channel ``C`` whose name matches the history patterns keeps, besides its pub/s
 
 * ``{<prefix>C}:history``: a stream of the channel's last messages; entry id ``0-<offset>``,
   fields ``e`` (the envelope as published) and ``t`` (Redis time it was appended, unix ms);
-* ``{<prefix>C}:meta``: a hash with the channel's ``epoch`` and its last ``offset``.
+* ``{<prefix>C}:meta``: a hash with the channel's ``epoch``, its last ``offset`` and, once a
+  publisher gave one, its ``version``;
+* ``{<prefix>C}:idempotency`` and ``{<prefix>C}:idempotency:exp``: the idempotency keys seen
+  within their window (key -> offset, and key -> expiry in unix ms), once a publisher gave one.
 
 The ``{...}`` hash tag puts both keys in the slot of the pub/sub channel ``<prefix>C`` on a
 Redis Cluster (a channel with a hash tag of its own, ``room{7}``, keeps it: the keys are
 ``<prefix>room{7}:history`` and ``<prefix>room{7}:meta``).
 
-:data:`APPEND_LUA` numbers, stores and publishes a message in one atomic step, so
-every subscriber sees offsets in order and the stream holds everything that was published.
+:data:`APPEND_LUA` checks, numbers, stores and publishes a message in one atomic step, so
+every subscriber sees offsets in order and the stream holds everything that was published. A
+publisher may give an idempotency key (a retry within the window is not stored twice: the
+reply gives the first offset) or a version (a message whose version is not above the
+channel's is dropped, reported ``stale``); both are forgotten with the channel's epoch.
 If the meta hash is lost (a Redis restart without persistence, a FLUSHALL, its retention ran
 out) the next append picks a new epoch and offsets restart at 1; clients holding the old epoch
-learn that their position is gone. Publishers in other languages ``EVAL`` :data:`APPEND_LUA`
-with the same keys and arguments (see :meth:`HistoryPolicy.append_args`).
+learn that their position is gone. The scripts are files (``publisher/lua/``): publishers in
+other languages ``EVAL`` ``history_append.lua`` with the keys and arguments its header and
+docs/protocol.md list.
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from importlib import resources
+from typing import Any
 
 __all__ = [
     "APPEND_LUA",
     "READ_LUA",
+    "Appended",
     "HistoryPolicy",
+    "Outcome",
+    "append_keys",
     "hash_tag",
     "history_keys",
     "new_epoch",
@@ -54,6 +67,42 @@ def history_keys(prefix: str, channel: str) -> tuple[str, str]:
     return base + ":history", base + ":meta"
 
 
+def append_keys(prefix: str, channel: str) -> list[str]:
+    """KEYS of :data:`APPEND_LUA`: the stream, the meta hash, and the two keys that remember
+    idempotency keys (a hash of key -> offset and a sorted set of their expiries)."""
+    stream, meta = history_keys(prefix, channel)
+    base = meta[: -len(":meta")]
+    return [stream, meta, base + ":idempotency", base + ":idempotency:exp"]
+
+
+class Outcome(enum.Enum):
+    """What the append script did with a message."""
+
+    PUBLISHED = "published"  # numbered, stored and sent
+    DUPLICATE = "duplicate"  # its idempotency key was seen within the window: nothing done
+    STALE = "stale"  # its version is not above the channel's: nothing done
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """The append script's reply: the message's offset and epoch (a duplicate's: the first
+    message's; a stale one's: the channel's current top), and how many gateway connections
+    received it (0 unless published)."""
+
+    offset: int
+    epoch: str
+    receivers: int
+    outcome: Outcome
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> Appended:
+        offset, epoch, receivers, *rest = reply
+        outcome = rest[0] if rest else b"published"  # a script from before outcomes
+        text = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        return cls(int(offset), epoch, int(receivers), Outcome(text))
+
+
 def numbered(envelope: bytes, offset: int, epoch: str) -> bytes:
     """The version 2 envelope of a version 1 one: what :data:`APPEND_LUA` stores and sends."""
     if not envelope.startswith(b'{"v":1,') or not envelope.endswith(b"}"):
@@ -73,6 +122,7 @@ class HistoryPolicy:
     size: int = 1000  # messages kept per channel
     ttl: float = 300.0  # seconds a message is kept
     retention: float = 86400.0  # seconds a silent channel keeps its stream and epoch
+    idempotency_window: float = 300.0  # seconds an idempotency key is remembered
 
     def applies(self, channel: str) -> bool:
         return any(fnmatchcase(channel, pattern) for pattern in self.patterns)
@@ -82,7 +132,13 @@ class HistoryPolicy:
         return int(max(self.retention, self.ttl) * 1000)
 
     def append_args(
-        self, pubsub_channel: str, envelope: bytes, *, sharded: bool = False
+        self,
+        pubsub_channel: str,
+        envelope: bytes,
+        *,
+        sharded: bool = False,
+        idempotency_key: str | None = None,
+        version: int | None = None,
     ) -> list[str | bytes | int]:
         """ARGV of :data:`APPEND_LUA` for a version 1 ``envelope``; ``sharded`` publishes
         with SPUBLISH (Redis Cluster), whose channel is in the keys' slot by construction."""
@@ -94,6 +150,9 @@ class HistoryPolicy:
             self.retention_ms,
             new_epoch(),
             "SPUBLISH" if sharded else "PUBLISH",
+            idempotency_key or "",
+            int(self.idempotency_window * 1000),
+            "" if version is None else version,
         ]
 
     @staticmethod
@@ -102,69 +161,12 @@ class HistoryPolicy:
         return [after, count, max_bytes]
 
 
-#: KEYS: stream, meta. ARGV: pub/sub channel, version 1 envelope (compact JSON, as built by
-#: publisher.envelope.build_envelope: it starts with {"v":1, and ends with }), size, ttl ms,
-#: retention ms, an epoch to use if the channel has none (1 to 64 of ``A-Z a-z 0-9 _ -``,
-#: else the script refuses it), and (optional) the publish command,
-#: PUBLISH or SPUBLISH. Returns {offset, epoch, receivers}.
-#: The stored and published envelope is the same one turned into version 2 with its offset
-#: and epoch; entries older than ttl are trimmed from the head as new ones arrive.
-APPEND_LUA = r"""
-local envelope = ARGV[2]
-if string.sub(envelope, 1, 7) ~= '{"v":1,' or string.sub(envelope, -1) ~= '}' then
-  return redis.error_reply('ERR envelope must be compact JSON starting with {"v":1,')
-end
-local stream, meta = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
-  epoch = ARGV[6]
-  -- Stored, an invalid epoch would make every message of the channel malformed.
-  if #epoch > 64 or not string.match(epoch, '^[A-Za-z0-9_%-]+$') then
-    return redis.error_reply('ERR epoch must be 1 to 64 of A-Z a-z 0-9 _ -')
-  end
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
-end
-local offset = redis.call('HINCRBY', meta, 'offset', 1)
-local final = '{"v":2,' .. string.sub(envelope, 8, -2)
-  .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('XADD', stream, 'MAXLEN', ARGV[3], '0-' .. offset, 'e', final, 't', now_ms)
-local cutoff = now_ms - tonumber(ARGV[4])
-local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 32)
-local keep = nil
-for _, entry in ipairs(head) do
-  if tonumber(entry[2][4]) >= cutoff then keep = entry[1] break end
-end
-if keep and keep ~= head[1][1] then
-  redis.call('XTRIM', stream, 'MINID', keep)
-elseif not keep and #head > 0 then
-  redis.call('XTRIM', stream, 'MINID', '0-' .. (tonumber(string.sub(head[#head][1], 3)) + 1))
-end
-redis.call('PEXPIRE', stream, ARGV[5])
-redis.call('PEXPIRE', meta, ARGV[5])
-local receivers = redis.call(ARGV[7] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', ARGV[1], final)
-return {offset, epoch, receivers}
-"""
+def _script(name: str) -> str:
+    return (resources.files("publisher") / "lua" / name).read_text(encoding="utf-8")
 
-#: KEYS: stream, meta. ARGV: the offset to read after, how many entries at most, how many
-#: envelope bytes at most. Returns {epoch, last offset, {{id, {'e', envelope, 't', ms}}, ...}}
-#: in one atomic read: the newest entries after the offset that fit both limits, oldest
-#: first (a reader far behind learns at once that its gap is larger than it may replay).
-#: A channel never published to has no epoch (nil) and top 0: a read creates no key.
-READ_LUA = r"""
-local state = redis.call('HMGET', KEYS[2], 'epoch', 'offset')
-if not state[1] then
-  return {false, 0, {}}
-end
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '(0-' .. ARGV[1], 'COUNT', ARGV[2])
-local budget = tonumber(ARGV[3])
-local entries = {}
-for _, entry in ipairs(newest) do
-  budget = budget - #entry[2][2]
-  if budget < 0 then break end
-  table.insert(entries, 1, entry)
-end
-return {state[1], tonumber(state[2]), entries}
-"""
+
+#: Checks, numbers, stores and publishes one message (publisher/lua/history_append.lua, whose
+#: header and docs/protocol.md give its keys, arguments and replies).
+APPEND_LUA = _script("history_append.lua")
+#: The gateways' atomic read of a channel's newest entries (publisher/lua/history_read.lua).
+READ_LUA = _script("history_read.lua")

@@ -17,13 +17,17 @@ class PublisherSettings(BaseSettings):
     channel_prefix: str = Field("ws:", description="Redis channel = prefix + channel")
     history_channels: str = Field(
         "",
-        description="comma-separated glob patterns of channels that keep history (must match "
-        "the gateways' GATEWAY_HISTORY_CHANNELS)",
+        description="comma-separated glob patterns of channels that keep history, used only "
+        "while no gateway has written its own to Redis (publisher.kinds)",
     )
     history_size: int = Field(1000, ge=1, description="messages kept per history channel")
     history_ttl: float = Field(300.0, gt=0, description="seconds a history message is kept")
     history_retention: float = Field(
         86400.0, gt=0, description="seconds a silent history channel keeps its epoch"
+    )
+
+    history_idempotency_window: float = Field(
+        300.0, gt=0, description="seconds an idempotency key is remembered"
     )
 
     def history(self) -> HistoryPolicy:
@@ -32,4 +36,5 @@ class PublisherSettings(BaseSettings):
             size=self.history_size,
             ttl=self.history_ttl,
             retention=self.history_retention,
+            idempotency_window=self.history_idempotency_window,
         )

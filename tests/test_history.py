@@ -16,7 +16,7 @@ from redis.crc import key_slot
 from gateway.history import Cursor, Page, Verdict, recover
 from publisher import Publisher
 from publisher.envelope import build_envelope, is_valid_channel, parse_envelope
-from publisher.history import APPEND_LUA, HistoryPolicy, history_keys, numbered
+from publisher.history import APPEND_LUA, HistoryPolicy, append_keys, history_keys, numbered
 from tests.faults import TcpProxy
 from tests.harness import (
     GatewayFactory,
@@ -106,7 +106,7 @@ def test_numbered_turns_version_1_into_version_2() -> None:
 
 def _append(r: Any, policy: HistoryPolicy, channel: str, data: Any) -> list[Any]:
     script = r.register_script(APPEND_LUA)
-    keys = list(history_keys("ws:", channel))
+    keys = append_keys("ws:", channel)
     result: list[Any] = script(
         keys, policy.append_args("ws:" + channel, build_envelope(channel, data))
     )
@@ -121,8 +121,8 @@ def test_append_script_numbers_stores_trims_and_publishes(redis_server: RedisSer
     subscriber.get_message(timeout=1)
     results = [_append(r, policy, "news", n) for n in range(5)]
     epoch = results[0][1]
-    assert [(o, e, receivers) for o, e, receivers in results] == [
-        (n, epoch, 1) for n in range(1, 6)
+    assert [tuple(result) for result in results] == [
+        (n, epoch, 1, b"published") for n in range(1, 6)
     ]
     stream, meta = history_keys("ws:", "news")
     entries = r.xrange(stream)
@@ -155,7 +155,7 @@ def test_append_script_trims_by_age_and_refuses_foreign_envelopes(
     stream, _ = history_keys("ws:", "news")
     assert [entry_id for entry_id, _ in r.xrange(stream)] == [b"0-5"]
     script = r.register_script(APPEND_LUA)
-    with pytest.raises(redis.ResponseError, match="must be compact JSON"):
+    with pytest.raises(redis.ResponseError, match="envelope channel must be"):
         script(list(history_keys("ws:", "news")), policy.append_args("ws:news", b'{"v": 1}'))
     # An epoch the gateways would refuse is not stored for a new channel (found trying the
     # docs as a publisher in another language: every later message was dropped as malformed).
@@ -252,9 +252,10 @@ async def test_reads_of_channels_never_published_to_create_nothing(
             reply = await _subscribe(ws, f"h.unused.{n}", since)
             assert (reply["offset"], reply["epoch"]) == (0, "0")
             assert reply["recovered"] is (n % 2 == 1)  # nothing was missed from nothing
-    assert redis_server.command("DBSIZE") == 0
+    assert redis_server.client_keys() == set()
     await _publish(gateway.ws_url, "h.used", range(1))
-    assert redis_server.command("DBSIZE") == 2  # a publish makes the stream and its meta
+    # A publish makes the stream and its meta.
+    assert redis_server.client_keys() == {"{ws:h.used}:history", "{ws:h.used}:meta"}
 
 
 async def test_resume_that_cannot_be_complete_says_so(gateway_factory: GatewayFactory) -> None:
@@ -351,8 +352,9 @@ async def test_a_gap_in_live_offsets_is_filled_from_the_stream(
         for n in (1, 2):
             script(keys, policy.append_args("ws:h.gap", build_envelope("h.gap", n)))
         assert [m["offset"] for m in await _messages(ws, 2)] == [1, 2]
-        for n in (3, 4):  # numbered and stored, but published where nobody listens
-            script(keys, policy.append_args("ws:elsewhere", build_envelope("h.gap", n)))
+        for n in (3, 4):  # stored, but sent with SPUBLISH, which SUBSCRIBE misses
+            args = policy.append_args("ws:h.gap", build_envelope("h.gap", n), sharded=True)
+            script(keys, args)
         script(keys, policy.append_args("ws:h.gap", build_envelope("h.gap", 5)))
         got = await _messages(ws, len(expected))
         assert [(m["offset"], m["data"]) for m in got] == [(n, n) for n in expected]
@@ -381,8 +383,9 @@ async def test_a_history_read_that_fails_is_retried_then_given_up(
         script(keys, policy.append_args("ws:h.retry", build_envelope("h.retry", 1)))
         assert [m["offset"] for m in await _messages(ws, 1)] == [1]
         redis_server.command("ACL", "SETUSER", "gateway", "-@scripting")
-        for n in (2, 3):  # numbered and stored, but published where nobody listens
-            script(keys, policy.append_args("ws:elsewhere", build_envelope("h.retry", n)))
+        for n in (2, 3):  # stored, but sent with SPUBLISH, which SUBSCRIBE misses
+            args = policy.append_args("ws:h.retry", build_envelope("h.retry", n), sharded=True)
+            script(keys, args)
         script(keys, policy.append_args("ws:h.retry", build_envelope("h.retry", 4)))
         await async_wait_until(lambda: gateway.logs().count("cannot read history") >= 2)
         if recovers:

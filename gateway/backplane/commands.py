@@ -18,7 +18,15 @@ from redis.exceptions import RedisError
 from gateway.backplane.base import BackplaneUnavailable, ChannelNames, Member, PresenceStore
 from gateway.history import Page, ReadLimit
 from publisher.control import ACK_LUA, ACK_TTL_MS, ack_key
-from publisher.history import APPEND_LUA, READ_LUA, HistoryPolicy, history_keys
+from publisher.history import (
+    APPEND_LUA,
+    READ_LUA,
+    Appended,
+    HistoryPolicy,
+    append_keys,
+    history_keys,
+)
+from publisher.kinds import KINDS_KEY
 from publisher.presence import (
     JOIN_LUA,
     LEAVE_LUA,
@@ -65,11 +73,10 @@ class RedisCommands(PresenceStore):
         return how many subscribed connections got it."""
         try:
             if self.policy.applies(channel):
-                keys = history_keys(self.names.prefix, channel)
+                keys = append_keys(self.names.prefix, channel)
                 key = self.names.prefix + channel
                 args = self.policy.append_args(key, envelope, sharded=self.sharded)
-                _, _, receivers = await self._append(keys, args)
-                return int(receivers)
+                return Appended.from_reply(await self._append(keys, args)).receivers
             key_bytes = self.names.key(channel)
             return int(await self.client.execute_command(self._publish, key_bytes, envelope))
         except LOST as exc:
@@ -80,6 +87,15 @@ class RedisCommands(PresenceStore):
             await self._ack([ack_key(self.names.prefix, request_id)], [ack, ACK_TTL_MS])
         except LOST as exc:
             raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
+
+    async def advertise(self, document: bytes, ttl_ms: int) -> bytes | None:
+        try:
+            previous: bytes | None = await self.client.set(
+                self.names.prefix + KINDS_KEY, document, px=ttl_ms, get=True
+            )
+        except LOST as exc:
+            raise BackplaneUnavailable(f"Redis is unavailable: {exc}") from None
+        return previous
 
     async def read(self, channel: str, after: int, limit: ReadLimit) -> Page[bytes]:
         """The newest entries after ``after`` within ``limit``, in one atomic read."""
