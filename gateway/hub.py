@@ -200,6 +200,7 @@ class Hub:
         self.backplane.on_resume = self._resume
         self._channels: dict[str, _Channel] = {}
         self._malformed_log = Throttle()
+        self._unnumbered_log = Throttle()
         #: The replica's own channels (no client can subscribe there): what arrives on them
         #: goes to their listener, not to fan-out.
         self.listeners: dict[str, Callable[[bytes], None]] = {}
@@ -312,6 +313,14 @@ class Hub:
         offset, epoch = envelope.offset, envelope.epoch
         if offset is None or epoch is None:  # a publisher that does not number it
             self.stats.history["unnumbered"] += 1
+            if self._unnumbered_log.ready():
+                log.warning(
+                    "channel %s keeps history but a publisher sent it an unnumbered message "
+                    "(a plain PUBLISH, not the append script): delivered, but no resume can "
+                    "replay it; %d so far",
+                    local.name,
+                    self.stats.history["unnumbered"],
+                )
             self._accept(local, envelope)
             return
         verdict = cursor.check(epoch, offset)

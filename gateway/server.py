@@ -39,6 +39,7 @@ from gateway.backplane import BackplaneUnavailable, create_backplane
 from gateway.control import Control
 from gateway.history import ReadLimit
 from gateway.hub import Hub
+from gateway.kinds import advertise
 from gateway.presence import Presence
 from gateway.protocol import (
     Close,
@@ -237,6 +238,12 @@ class Gateway:
         )
         self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
         self._tasks.append(asyncio.create_task(self.control.serve(), name="control"))
+        self._tasks.append(
+            asyncio.create_task(
+                advertise(self.hub.backplane, self.hub.backplane.history_policy, self.stats),
+                name="kinds",
+            )
+        )
         if self.presence.policy.patterns:
             self._tasks.append(asyncio.create_task(self.presence.serve(), name="presence"))
 

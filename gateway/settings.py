@@ -228,8 +228,8 @@ class Settings(BaseSettings):
     history_channels: str = Field(
         "",
         description="comma-separated glob patterns of channels that keep history: their "
-        "messages carry offsets and clients can resume with 'since' (publishers need the same "
-        "patterns in PUBLISHER_HISTORY_CHANNELS)",
+        "messages carry offsets and clients can resume with 'since' (replicas write them to "
+        "Redis, where publishers read them)",
     )
     history_size: int = Field(1000, ge=1, description="messages kept per history channel")
     history_ttl: Seconds = Field(300.0, description="seconds a history message is kept")
@@ -237,6 +237,11 @@ class Settings(BaseSettings):
         86400.0,
         description="seconds a silent history channel keeps its stream and epoch; after that "
         "its offsets restart in a new epoch",
+    )
+    history_idempotency_window: Seconds = Field(
+        300.0,
+        description="seconds a publisher's idempotency key is remembered: a retry with the "
+        "same key within it is not stored or sent twice",
     )
     presence_channels: str = Field(
         "",
@@ -368,6 +373,7 @@ class Settings(BaseSettings):
             size=self.history_size,
             ttl=self.history_ttl,
             retention=self.history_retention,
+            idempotency_window=self.history_idempotency_window,
         )
 
     def presence(self) -> PresencePolicy:

@@ -45,6 +45,8 @@ class Stats:
     presence: Counter[str] = field(default_factory=Counter)
     #: join and leave frames sent to the channels (each lists up to 100 members), by event.
     presence_events: Counter[str] = field(default_factory=Counter)
+    #: Times this replica found another replica's channel kinds in Redis (publisher.kinds).
+    kinds_mismatches: int = 0
     # Histogram recorders for the congested path, plugged in by the telemetry.
     record_queue_depth: Callable[[int], object] = field(default=lambda depth: None)
     record_latency: Callable[[float], object] = field(default=lambda seconds: None)

@@ -184,6 +184,9 @@ class Telemetry:
             (counter, "history", by(lambda: stats.history, "event"), "{message}",
              "history channel messages, by event: replayed, filled, duplicate, lost, "
              "unnumbered"),
+            (counter, "kinds.mismatches", one(lambda: stats.kinds_mismatches), "{write}",
+             "times this replica found other history channels written in Redis by another "
+             "replica than its own (replicas configured differently)"),
             (counter, "deliveries", one(lambda: stats.fanout), "{delivery}",
              "messages handed to clients (written or queued)"),
             (counter, "writes", one(lambda: stats.writes), "{write}",

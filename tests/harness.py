@@ -154,6 +154,10 @@ class RedisServer:
             if "#probe#" not in c and not c.endswith("@@control")
         }
 
+    def client_keys(self) -> set[str]:
+        """The keys clients' activity made: not the channel kinds every replica writes."""
+        return {k for k in self.command("KEYS", "*") if not k.endswith("@@channels")}
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

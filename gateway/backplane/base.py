@@ -293,6 +293,14 @@ class Backplane(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def advertise(self, document: bytes, ttl_ms: int) -> bytes | None:
+        """Write the replica's channel kinds where publishers read them (publisher.kinds),
+        for ``ttl_ms``; return what was there before (another replica's, or None).
+
+        Raises :class:`BackplaneUnavailable` when the backplane is down.
+        """
+
+    @abc.abstractmethod
     async def history(self, channel: str, after: int, limit: ReadLimit) -> Page[bytes]:
         """The newest retained messages of ``channel`` after offset ``after`` within
         ``limit``, read atomically. Creates nothing for a channel without history.

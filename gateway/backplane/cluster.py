@@ -373,6 +373,9 @@ class RedisClusterBackplane(Backplane):
     async def acknowledge(self, request_id: str, ack: bytes) -> None:
         await self._commands.acknowledge(request_id, ack)
 
+    async def advertise(self, document: bytes, ttl_ms: int) -> bytes | None:
+        return await self._commands.advertise(document, ttl_ms)
+
     # Keeping up with the topology
 
     async def _run(self) -> None:

@@ -121,6 +121,10 @@ class MemoryBackplane(Backplane):
         # process reads acknowledgements: keeping them would be a map nobody empties.
         pass
 
+    async def advertise(self, document: bytes, ttl_ms: int) -> bytes | None:
+        # Publishers outside the process cannot reach this backplane: nobody to tell.
+        return None
+
     async def publish(self, channel: str, envelope: bytes) -> int:
         policy = self.history_policy
         if policy.applies(channel):

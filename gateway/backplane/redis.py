@@ -179,6 +179,9 @@ class RedisBackplane(Backplane):
     async def acknowledge(self, request_id: str, ack: bytes) -> None:
         await self._commands.acknowledge(request_id, ack)
 
+    async def advertise(self, document: bytes, ttl_ms: int) -> bytes | None:
+        return await self._commands.advertise(document, ttl_ms)
+
     # The connection's life
 
     async def _run(self) -> None:
