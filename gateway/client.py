@@ -335,8 +335,11 @@ class Client:
             channel = reply["channel"]
             if reply.get("recovered") is False:
                 await self._events.put(Resync(channel, "not_recovered"))
-            if reply.get("epoch") is not None and reply.get("recovered") is not True:
-                self.positions[channel] = (reply["offset"], reply["epoch"])
+            if reply.get("epoch") is not None:
+                if reply.get("latest"):  # the channel's newest message, at offset, follows
+                    self.positions[channel] = (reply["offset"] - 1, reply["epoch"])
+                elif reply.get("recovered") is not True:
+                    self.positions[channel] = (reply["offset"], reply["epoch"])
         elif op == "unsubscribed" and reply.get("reason") is not None:
             # Not asked for: a refreshed token no longer allows the channel.
             channel = reply["channel"]

@@ -18,7 +18,16 @@ import enum
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-__all__ = ["EMPTY_EPOCH", "Cursor", "Page", "ReadLimit", "Recovery", "Verdict", "recover"]
+__all__ = [
+    "EMPTY_EPOCH",
+    "Cursor",
+    "Page",
+    "ReadLimit",
+    "Recovery",
+    "Verdict",
+    "latest",
+    "recover",
+]
 
 #: The epoch of a channel without history. Real epochs are 16 hex digits, never this.
 EMPTY_EPOCH = "0"
@@ -87,6 +96,23 @@ def recover(page: Page[T], since: tuple[int, str] | None) -> Recovery[T]:
     if not complete:
         return Recovery(False, epoch, page.top, [])
     return Recovery(True, epoch, page.top, entries)
+
+
+def latest(page: Page[T], since: tuple[int, str] | None) -> Recovery[T]:
+    """Decide a subscription that wants the channel's state, its newest message, given a
+    fresh ``page`` that holds it (if it is still kept).
+
+    ``replay`` is that message, unless ``since`` says the subscriber has it already; nothing
+    older: state needs no log. ``recovered`` (meaningful with ``since``) says whether the
+    subscriber ends with the current state in the same epoch as ``since``: a different epoch,
+    or no message kept at all, means what it held belongs to a history that was lost.
+    """
+    epoch = page.epoch if page.epoch is not None else EMPTY_EPOCH
+    newest = page.entries[-1:] if page.entries and page.entries[-1][0] == page.top else []
+    if since == (page.top, epoch) or (since == (0, EMPTY_EPOCH) and page.top == 0):
+        return Recovery(True, epoch, page.top, [])
+    same = since is not None and since[1] in (epoch, EMPTY_EPOCH) and since[0] <= page.top
+    return Recovery(bool(newest) and same, epoch, page.top, newest)
 
 
 class Verdict(enum.Enum):

@@ -33,7 +33,16 @@ from gateway.backlog import Backlog
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
 from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
-from gateway.history import EMPTY_EPOCH, Cursor, Page, ReadLimit, Recovery, Verdict, recover
+from gateway.history import (
+    EMPTY_EPOCH,
+    Cursor,
+    Page,
+    ReadLimit,
+    Recovery,
+    Verdict,
+    latest,
+    recover,
+)
 from gateway.protocol import Outbound, message
 from gateway.session import Session
 from gateway.stats import Stats
@@ -74,13 +83,15 @@ class _Channel:
         "last_write",
         "members",
         "name",
+        "newest",
         "next_read",
         "pending",
         "received",
+        "state",
         "waiting",
     )
 
-    def __init__(self, name: str, history: bool) -> None:
+    def __init__(self, name: str, history: bool, state: bool = False) -> None:
         self.name = name
         # Sessions that receive the channel's messages (a dict as an insertion-ordered set).
         self.members: dict[Session, None] = {}
@@ -112,6 +123,10 @@ class _Channel:
         self.decoded: weakref.WeakValueDictionary[tuple[str | None, int], Outbound] | None = (
             weakref.WeakValueDictionary() if history else None
         )
+        # State channels only: the message at the cursor, which subscribers that want the
+        # channel's state get without a read of Redis. One message per channel.
+        self.state = state
+        self.newest: Outbound | None = None
 
     @property
     def active(self) -> bool:
@@ -121,10 +136,11 @@ class _Channel:
 class _Read:
     """One read of a channel's history, shared by the subscribers that asked together."""
 
-    __slots__ = ("after", "done", "page")
+    __slots__ = ("after", "done", "messages", "page")
 
-    def __init__(self, after: int) -> None:
+    def __init__(self, after: int, messages: int) -> None:
         self.after = after
+        self.messages = messages  # at most: one for those who want only the latest
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: The entries decoded and framed once for all readers (None: malformed).
         self.page: Page[Outbound | None] = Page(None, 0)
@@ -132,10 +148,12 @@ class _Read:
 
 @dataclass(frozen=True, slots=True)
 class Joined:
-    """A subscription to a history channel: the client's starting point, what it missed."""
+    """A subscription to a history channel: the client's starting point, what it missed
+    (or, ``latest``, the channel's newest message: its state)."""
 
     recovery: Recovery[Outbound | None]
     replay: list[Outbound]
+    latest: bool = False
 
 
 def _settle(done: asyncio.Future[None]) -> None:
@@ -287,7 +305,7 @@ class Hub:
             self._log_malformed(channel, exc)
             return None
 
-    def _accept(self, local: _Channel, envelope: Envelope) -> None:
+    def _accept(self, local: _Channel, envelope: Envelope) -> Outbound:
         """Add a message to the channel's next write, and schedule that write."""
         item = message(envelope)
         local.batch.append(item)
@@ -304,6 +322,7 @@ class Hub:
                 local.flush = loop.call_later(delay, self._write, local)
             else:
                 local.flush = loop.call_soon(self._write, local)
+        return item
 
     def _sequence(self, local: _Channel, envelope: Envelope, *, fill_gaps: bool) -> None:
         """Deliver a history channel's message once and in order; on a gap, read the missing
@@ -341,7 +360,9 @@ class Hub:
                 offset,
             )
         cursor.advance(epoch, offset)
-        self._accept(local, envelope)
+        item = self._accept(local, envelope)
+        if local.state:
+            local.newest = item
 
     def _fill(self, local: _Channel) -> None:
         if local.fetch is None:
@@ -470,31 +491,43 @@ class Hub:
             )
 
     async def subscribe(
-        self, session: Session, channel: str, since: tuple[int, str] | None = None
+        self,
+        session: Session,
+        channel: str,
+        since: tuple[int, str] | None = None,
+        latest: bool | None = None,
     ) -> Joined | None:
         """:meth:`_subscribe`, then tell :attr:`on_joined` of a session new on the channel."""
         already = channel in session.channels
-        joined = await self._subscribe(session, channel, since)
+        joined = await self._subscribe(session, channel, since, latest)
         if not already and channel in session.channels and self.on_joined is not None:
             self.on_joined(session, channel)
         return joined
 
     async def _subscribe(
-        self, session: Session, channel: str, since: tuple[int, str] | None = None
+        self,
+        session: Session,
+        channel: str,
+        since: tuple[int, str] | None = None,
+        latest: bool | None = None,
     ) -> Joined | None:
         """Add ``session`` to ``channel``; return once messages published from now on reach it.
 
         On a history channel, return where the session starts and the messages it missed
-        since ``since`` (offset, epoch); the caller sends them right after its reply, before
-        any live message. Raises :class:`BackplaneUnavailable` (and leaves the session
-        unsubscribed) when the backplane cannot confirm the subscription or read the history.
+        since ``since`` (offset, epoch), or, when it wants the ``latest`` (by default on a
+        state channel), only the channel's newest message; the caller sends them right after
+        its reply, before any live message. Raises :class:`BackplaneUnavailable` (and leaves
+        the session unsubscribed) when the backplane cannot confirm the subscription or read
+        the history.
         """
         if channel in session.channels:
             return None
         local = self._channels.get(channel)
         if local is None:
-            history = self.backplane.history_policy.applies(channel)
-            local = self._channels[channel] = _Channel(channel, history)
+            policy = self.backplane.history_policy
+            local = self._channels[channel] = _Channel(
+                channel, policy.applies(channel), policy.is_state(channel)
+            )
             local.pending = asyncio.create_task(
                 self.backplane.subscribe(channel), name=f"subscribe {channel}"
             )
@@ -516,18 +549,27 @@ class Hub:
             self._write(local)
             local.members[session] = None
             return None
-        return await self._join_history(session, local, since)
+        if latest is None:
+            latest = self.backplane.history_policy.is_state(channel)
+        return await self._join_history(session, local, since, latest)
 
     async def _join_history(
-        self, session: Session, local: _Channel, since: tuple[int, str] | None
+        self, session: Session, local: _Channel, since: tuple[int, str] | None, latest_only: bool
     ) -> Joined | None:
         self._catch_up(local)
         self._write(local)
+        if latest_only and (joined := self._join_from_memory(session, local, since)):
+            return joined
         kept: list[Outbound] = []
         local.waiting[session] = kept
-        after = since[0] if since else _TOP
+        if latest_only:  # the newest entry, whatever the position: one message
+            after, messages = 0, 1
+        elif since is not None:
+            after, messages = since[0], self.read_limit.messages
+        else:  # only the epoch and top
+            after, messages = _TOP, 1
         try:
-            read = await self._read_shared(local, after)
+            read = await self._read_shared(local, after, messages)
         except BackplaneUnavailable:
             local.waiting.pop(session, None)
             await self.unsubscribe(session, local.name)
@@ -538,9 +580,12 @@ class Hub:
         if local.name not in session.channels:
             return None  # it left while reading
         page = read.page
-        if after > read.after:
-            page = Page(page.epoch, page.top, [e for e in page.entries if e[0] > after])
-        recovery = recover(page, since)
+        if latest_only:
+            recovery = latest(page, since)
+        else:
+            if after > read.after:
+                page = Page(page.epoch, page.top, [e for e in page.entries if e[0] > after])
+            recovery = recover(page, since)
         cursor = local.cursor
         assert cursor is not None
         if cursor.epoch is None:
@@ -554,13 +599,44 @@ class Hub:
             local.members[session] = None
         else:
             local.catching[session] = (recovery.epoch, start)
-        self.stats.history["replayed"] += len(recovery.replay)
-        return Joined(recovery, replay)
+        self.stats.history["latest" if latest_only else "replayed"] += len(recovery.replay)
+        follows = latest_only and any(item is not None for _, item in recovery.replay)
+        if follows and local.state and cursor.offset is None and cursor.epoch == recovery.epoch:
+            # Nothing live yet: the channel is at the message read, which later subscribers
+            # can have without reading again.
+            cursor.advance(recovery.epoch, recovery.position)
+            local.newest = recovery.replay[-1][1]
+        return Joined(recovery, replay, follows)
 
-    async def _read_shared(self, local: _Channel, after: int) -> _Read:
+    def _join_from_memory(
+        self, session: Session, local: _Channel, since: tuple[int, str] | None
+    ) -> Joined | None:
+        """A state channel's subscriber gets the message at the cursor, kept in memory: a
+        thousand subscribers arriving together cost no read of Redis. None when the channel
+        has no such message (none yet, or a gap being filled)."""
+        cursor, newest = local.cursor, local.newest
+        if (
+            cursor is None
+            or newest is None
+            or local.held is not None
+            or cursor.epoch is None
+            or cursor.offset is None
+            or newest.offset != cursor.offset
+        ):
+            return None
+        page: Page[Outbound | None] = Page(cursor.epoch, cursor.offset, [(cursor.offset, newest)])
+        recovery = latest(page, since)
+        replay = [item for _, item in recovery.replay if item is not None]
+        local.members[session] = None
+        self.stats.history["latest"] += len(replay)
+        return Joined(recovery, replay, bool(replay))
+
+    async def _read_shared(self, local: _Channel, after: int, messages: int) -> _Read:
         """Read the channel's history once for every subscriber that asks before the read
         starts (a reconnect storm: the clients of a lost replica arriving together), from
-        the lowest position asked; each takes the part after its own.
+        the lowest position asked and as many messages as the most demanding one wants (the
+        newest are read first: one who wants only the latest finds it in any read); each
+        takes the part after its own.
 
         The read starts on a later loop iteration (after a free read slot, see
         ``_READS_AT_ONCE``), after every such subscriber began keeping the live messages, so
@@ -568,11 +644,12 @@ class Hub:
         """
         read = local.next_read
         if read is None:
-            read = local.next_read = _Read(after)
+            read = local.next_read = _Read(after, messages)
             task = asyncio.create_task(self._read(local, read), name=f"read {local.name}")
             task.add_done_callback(lambda _: _settle(read.done))
         else:
             read.after = min(read.after, after)
+            read.messages = max(read.messages, messages)
         await asyncio.shield(read.done)
         return read
 
@@ -581,7 +658,8 @@ class Hub:
             async with self._reads:
                 if local.next_read is read:
                     local.next_read = None  # who comes now needs a read that starts after it
-                raw = await self.backplane.history(local.name, read.after, self.read_limit)
+                limit = ReadLimit(read.messages, self.read_limit.bytes)
+                raw = await self.backplane.history(local.name, read.after, limit)
             read.page = await self._decode_page(local, raw)
         except Exception as exc:  # the readers hear of it (unavailable, or a bug)
             read.done.set_exception(exc)

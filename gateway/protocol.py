@@ -83,10 +83,16 @@ class Since(msgspec.Struct, frozen=True):
     epoch: str
 
 
-class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", frozen=True):
+class Subscribe(
+    msgspec.Struct, tag="subscribe", tag_field="op", frozen=True, forbid_unknown_fields=True
+):
+    """Options are checked: a misspelt one would otherwise silently do nothing."""
+
     channel: str
     id: RequestId | None = None
     since: Since | None = None
+    #: The channel's newest message right after the reply (default: on state channels).
+    latest: bool | None = None
 
 
 class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op", frozen=True):
@@ -292,6 +298,7 @@ class _Subscribed(msgspec.Struct, omit_defaults=True):
     recovered: bool | None = None
     offset: int | None = None
     epoch: str | None = None
+    latest: bool | None = None
 
 
 class _Error(msgspec.Struct):
@@ -339,11 +346,15 @@ def subscribed(
     recovered: bool | None = None,
     offset: int | None = None,
     epoch: str | None = None,
+    latest: bool = False,
 ) -> Outbound:
     """The ``subscribed`` reply; on a history channel with the position the client starts
-    at (and, when it asked to resume, whether every missed message follows)."""
+    at (and, when it asked to resume, whether every missed message follows; ``latest``: the
+    channel's newest message, at ``offset``, follows)."""
     return Outbound(
-        _encode(_Subscribed("subscribed", channel, request_id, recovered, offset, epoch))
+        _encode(
+            _Subscribed("subscribed", channel, request_id, recovered, offset, epoch, latest or None)
+        )
     )
 
 

@@ -474,7 +474,9 @@ class Gateway:
             if isinstance(request, Subscribe):
                 since = request.since
                 position = (since.offset, since.epoch) if since is not None else None
-                await self._subscribe(session, request.channel, request.id, position)
+                await self._subscribe(
+                    session, request.channel, request.id, position, request.latest
+                )
             elif isinstance(request, Unsubscribe):
                 await self.hub.unsubscribe(session, request.channel)
                 session.send(reply("unsubscribed", request.id, request.channel))
@@ -536,6 +538,7 @@ class Gateway:
         channel: str,
         request_id: int | None = None,
         since: tuple[int, str] | None = None,
+        latest: bool | None = None,
     ) -> None:
         if not session.access.can_subscribe(channel):
             raise RequestError(
@@ -548,7 +551,7 @@ class Gateway:
             )
         already = channel in session.channels
         try:
-            joined = await self.hub.subscribe(session, channel, since)
+            joined = await self.hub.subscribe(session, channel, since, latest)
         except BackplaneUnavailable as exc:
             raise RequestError(ErrorCode.UNAVAILABLE, str(exc), request_id) from None
         if joined is None:
@@ -565,6 +568,7 @@ class Gateway:
                 recovered=recovery.recovered if since is not None else None,
                 offset=recovery.position,
                 epoch=recovery.epoch,
+                latest=joined.latest,
             )
         )
         session.replay(joined.replay)

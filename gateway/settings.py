@@ -238,6 +238,12 @@ class Settings(BaseSettings):
         description="seconds a silent history channel keeps its stream and epoch; after that "
         "its offsets restart in a new epoch",
     )
+    state_channels: str = Field(
+        "",
+        description="comma-separated glob patterns of state channels: history channels whose "
+        "subscribers get the latest message right after 'subscribed' (a price, a scoreboard, "
+        "a document), and whose resume brings only the latest",
+    )
     history_idempotency_window: Seconds = Field(
         300.0,
         description="seconds a publisher's idempotency key is remembered: a retry with the "
@@ -368,8 +374,11 @@ class Settings(BaseSettings):
         return self
 
     def history(self) -> HistoryPolicy:
+        state = self.patterns(self.state_channels)
+        history = self.patterns(self.history_channels)
         return HistoryPolicy(
-            patterns=self.patterns(self.history_channels),
+            patterns=history + tuple(p for p in state if p not in history),
+            state=state,
             size=self.history_size,
             ttl=self.history_ttl,
             retention=self.history_retention,

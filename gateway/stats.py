@@ -29,7 +29,8 @@ class Stats:
     stalled: int = 0  # sessions cut off after stall_timeout with a full transport
     refused: Counter[str] = field(default_factory=Counter)  # handshakes refused, by reason
     malformed: Counter[str] = field(default_factory=Counter)  # by reason
-    #: History channels, by event: replayed (to resuming clients), filled (read from the
+    #: History channels, by event: replayed (to resuming clients), latest (a channel's newest
+    #: message, to a subscriber that wants its state), filled (read from the
     #: stream to fill a gap or an outage), duplicate (dropped), lost (gone from the stream
     #: before it could be read), unnumbered (a publisher that does not append).
     history: Counter[str] = field(default_factory=Counter)

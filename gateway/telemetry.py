@@ -182,8 +182,8 @@ class Telemetry:
             (counter, "control.connections", by(lambda: stats.control_connections, "op"),
              "{connection}", "connections control requests acted on, by op"),
             (counter, "history", by(lambda: stats.history, "event"), "{message}",
-             "history channel messages, by event: replayed, filled, duplicate, lost, "
-             "unnumbered"),
+             "history channel messages, by event: replayed, latest (a state channel's, to a "
+             "subscriber), filled, duplicate, lost, unnumbered"),
             (counter, "kinds.mismatches", one(lambda: stats.kinds_mismatches), "{write}",
              "times this replica found other history channels written in Redis by another "
              "replica than its own (replicas configured differently)"),

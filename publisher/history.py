@@ -116,16 +116,24 @@ def new_epoch() -> str:
 
 @dataclass(frozen=True, slots=True)
 class HistoryPolicy:
-    """Which channels keep history, and how much of it."""
+    """Which channels keep history, and how much of it.
+
+    ``state`` channels (a subset of ``patterns``) carry state rather than a log: their
+    subscribers get the latest message right after subscribing.
+    """
 
     patterns: tuple[str, ...] = ()
     size: int = 1000  # messages kept per channel
     ttl: float = 300.0  # seconds a message is kept
     retention: float = 86400.0  # seconds a silent channel keeps its stream and epoch
     idempotency_window: float = 300.0  # seconds an idempotency key is remembered
+    state: tuple[str, ...] = ()
 
     def applies(self, channel: str) -> bool:
         return any(fnmatchcase(channel, pattern) for pattern in self.patterns)
+
+    def is_state(self, channel: str) -> bool:
+        return any(fnmatchcase(channel, pattern) for pattern in self.state)
 
     @property
     def retention_ms(self) -> int:

@@ -9,11 +9,14 @@ configured differently from each other see it too: each write returns what the k
 
 The document (``v`` 1)::
 
-    {"v": 1, "history": {"patterns": ["prices.*"], "size": 1000, "ttl": 300.0,
-                         "retention": 86400.0, "idempotency_window": 300.0}}
+    {"v": 1, "history": {"patterns": ["prices.*", "scores.*"], "size": 1000, "ttl": 300.0,
+                         "retention": 86400.0, "idempotency_window": 300.0},
+     "state": {"patterns": ["scores.*"]}}
 
 ``patterns`` are globs (``fnmatch``, case-sensitive); ``size`` is messages kept per channel,
-the others seconds. Readers ignore fields they do not know.
+the others seconds. Every channel matching ``history.patterns`` is appended to; ``state``
+names those of them that are state channels (the gateways give subscribers their latest
+message: publishers need not care). Readers ignore fields they do not know.
 """
 
 from __future__ import annotations
@@ -44,9 +47,14 @@ class _History(msgspec.Struct, frozen=True):
     idempotency_window: float = 300.0
 
 
+class _State(msgspec.Struct, frozen=True):
+    patterns: list[str]
+
+
 class _Document(msgspec.Struct, frozen=True):
     v: int
     history: _History
+    state: _State = _State([])
 
 
 def kinds_document(policy: HistoryPolicy) -> bytes:
@@ -54,7 +62,7 @@ def kinds_document(policy: HistoryPolicy) -> bytes:
     history = _History(
         list(policy.patterns), policy.size, policy.ttl, policy.retention, policy.idempotency_window
     )
-    return msgspec.json.encode(_Document(1, history))
+    return msgspec.json.encode(_Document(1, history, _State(list(policy.state))))
 
 
 def parse_kinds(document: bytes) -> HistoryPolicy:
@@ -72,6 +80,7 @@ def parse_kinds(document: bytes) -> HistoryPolicy:
         ttl=history.ttl,
         retention=history.retention,
         idempotency_window=history.idempotency_window,
+        state=tuple(parsed.state.patterns),
     )
 
 

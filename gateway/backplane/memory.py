@@ -167,11 +167,14 @@ class MemoryBackplane(Backplane):
         stream = self._streams.get(channel)
         if stream is None:
             return Page(None, 0)  # nothing made for a channel never published to
+        # As on Redis, whose script trims by age only as the next message arrives, the newest
+        # message stays however old it is: a state channel's latest value.
         cutoff = now - self.history_policy.ttl
         entries: list[tuple[int, bytes]] = []
         budget = limit.bytes
         for offset, envelope, published in reversed(stream.entries):
-            if offset <= after or published < cutoff or len(entries) == limit.messages:
+            stale = published < cutoff and offset < stream.offset
+            if offset <= after or stale or len(entries) == limit.messages:
                 break
             budget -= len(envelope)
             if budget < 0:

@@ -151,7 +151,10 @@ function onReply(frame) {
     if (frame.recovered === false) {
       notice(`could not resume ${frame.channel}: anything published while disconnected is not in its history any more (reload its state)`);
     }
-    if (frame.epoch !== undefined && frame.recovered !== true) {
+    if (frame.latest) {
+      // A state channel: its newest message, at offset, follows.
+      positions.set(frame.channel, { offset: frame.offset - 1, epoch: frame.epoch });
+    } else if (frame.epoch !== undefined && frame.recovered !== true) {
       positions.set(frame.channel, { offset: frame.offset, epoch: frame.epoch });
     }
     confirmed.add(frame.channel);
