@@ -81,6 +81,7 @@ class _Channel:
         "held",
         "joining",
         "last_write",
+        "latest_read",
         "members",
         "name",
         "newest",
@@ -123,10 +124,14 @@ class _Channel:
         self.decoded: weakref.WeakValueDictionary[tuple[str | None, int], Outbound] | None = (
             weakref.WeakValueDictionary() if history else None
         )
-        # State channels only: the message at the cursor, which subscribers that want the
-        # channel's state get without a read of Redis. One message per channel.
+        # State channels only: the newest message known (delivered, or read) with its epoch,
+        # which subscribers that want the channel's state get without a read of Redis. One
+        # message per channel.
         self.state = state
-        self.newest: Outbound | None = None
+        self.newest: tuple[str, Outbound] | None = None
+        # The read in flight that brings the newest message, which more subscribers that
+        # want only that can share.
+        self.latest_read: _Read | None = None
 
     @property
     def active(self) -> bool:
@@ -136,12 +141,15 @@ class _Channel:
 class _Read:
     """One read of a channel's history, shared by the subscribers that asked together."""
 
-    __slots__ = ("after", "done", "messages", "page")
+    __slots__ = ("after", "done", "kept", "messages", "page")
 
     def __init__(self, after: int, messages: int) -> None:
         self.after = after
         self.messages = messages  # at most: one for those who want only the latest
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: A read that brings the newest message: what the channel delivered since it
+        #: started, for subscribers who join it while it is in flight.
+        self.kept: list[Outbound] = []
         #: The entries decoded and framed once for all readers (None: malformed).
         self.page: Page[Outbound | None] = Page(None, 0)
 
@@ -362,7 +370,7 @@ class Hub:
         cursor.advance(epoch, offset)
         item = self._accept(local, envelope)
         if local.state:
-            local.newest = item
+            local.newest = (epoch, item)
 
     def _fill(self, local: _Channel) -> None:
         if local.fetch is None:
@@ -440,6 +448,8 @@ class Hub:
             if local.waiting:
                 for kept in local.waiting.values():
                     kept.extend(batch)
+                if local.latest_read is not None:
+                    local.latest_read.kept.extend(batch)
             if local.catching:
                 self._deliver_catching(local, batch)
         self.stats.writes += writes
@@ -560,7 +570,9 @@ class Hub:
         self._write(local)
         if latest_only and (joined := self._join_from_memory(session, local, since)):
             return joined
-        kept: list[Outbound] = []
+        in_flight = local.latest_read if latest_only else None
+        # Joining a read in flight, it keeps what the read has seen delivered since it started.
+        kept: list[Outbound] = list(in_flight.kept) if in_flight is not None else []
         local.waiting[session] = kept
         if latest_only:  # the newest entry, whatever the position: one message
             after, messages = 0, 1
@@ -569,7 +581,11 @@ class Hub:
         else:  # only the epoch and top
             after, messages = _TOP, 1
         try:
-            read = await self._read_shared(local, after, messages)
+            if in_flight is not None:
+                await asyncio.shield(in_flight.done)
+                read = in_flight
+            else:
+                read = await self._read_shared(local, after, messages)
         except BackplaneUnavailable:
             local.waiting.pop(session, None)
             await self.unsubscribe(session, local.name)
@@ -601,33 +617,40 @@ class Hub:
             local.catching[session] = (recovery.epoch, start)
         self.stats.history["latest" if latest_only else "replayed"] += len(recovery.replay)
         follows = latest_only and any(item is not None for _, item in recovery.replay)
-        if follows and local.state and cursor.offset is None and cursor.epoch == recovery.epoch:
-            # Nothing live yet: the channel is at the message read, which later subscribers
-            # can have without reading again.
-            cursor.advance(recovery.epoch, recovery.position)
-            local.newest = recovery.replay[-1][1]
         return Joined(recovery, replay, follows)
+
+    @staticmethod
+    def _hold_newest(local: _Channel, page: Page[Outbound | None]) -> None:
+        """Keep the newest message a read brought, if it is newer than what the state
+        channel knows: later subscribers have it from memory, without reading again."""
+        if not local.state or not page.entries or page.epoch is None:
+            return
+        offset, item = page.entries[-1]
+        if item is None or offset != page.top:
+            return
+        known = local.newest
+        if known is None or known[0] != page.epoch or (known[1].offset or 0) < offset:
+            local.newest = (page.epoch, item)
 
     def _join_from_memory(
         self, session: Session, local: _Channel, since: tuple[int, str] | None
     ) -> Joined | None:
-        """A state channel's subscriber gets the message at the cursor, kept in memory: a
-        thousand subscribers arriving together cost no read of Redis. None when the channel
-        has no such message (none yet, or a gap being filled)."""
+        """A state channel's subscriber gets the newest message the replica knows, kept in
+        memory: a thousand subscribers arriving together cost no read of Redis. None when the
+        channel has no such message (none yet, or a gap being filled)."""
         cursor, newest = local.cursor, local.newest
-        if (
-            cursor is None
-            or newest is None
-            or local.held is not None
-            or cursor.epoch is None
-            or cursor.offset is None
-            or newest.offset != cursor.offset
-        ):
+        if cursor is None or newest is None or local.held is not None:
             return None
-        page: Page[Outbound | None] = Page(cursor.epoch, cursor.offset, [(cursor.offset, newest)])
+        epoch, item = newest
+        start = item.offset
+        assert start is not None
+        page: Page[Outbound | None] = Page(epoch, start, [(start, item)])
         recovery = latest(page, since)
         replay = [item for _, item in recovery.replay if item is not None]
-        local.members[session] = None
+        if cursor.epoch == epoch and (cursor.offset or 0) >= start:
+            local.members[session] = None
+        else:  # read, not yet live: what arrives live up to it is not for this subscriber
+            local.catching[session] = (epoch, start)
         self.stats.history["latest"] += len(replay)
         return Joined(recovery, replay, bool(replay))
 
@@ -658,12 +681,18 @@ class Hub:
             async with self._reads:
                 if local.next_read is read:
                     local.next_read = None  # who comes now needs a read that starts after it
+                if read.after == 0:  # it brings the newest message, whatever else
+                    local.latest_read = read
                 limit = ReadLimit(read.messages, self.read_limit.bytes)
                 raw = await self.backplane.history(local.name, read.after, limit)
             read.page = await self._decode_page(local, raw)
+            self._hold_newest(local, read.page)
         except Exception as exc:  # the readers hear of it (unavailable, or a bug)
             read.done.set_exception(exc)
             return
+        finally:
+            if local.latest_read is read:
+                local.latest_read = None
         read.done.set_result(None)
 
     async def _decode_page(self, local: _Channel, raw: Page[bytes]) -> Page[Outbound | None]:

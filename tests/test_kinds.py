@@ -24,7 +24,14 @@ from tests.harness import (
     wspublish,
 )
 
-GATEWAYS = HistoryPolicy(("prices.*",), size=50, ttl=60, retention=600, idempotency_window=30)
+GATEWAYS = HistoryPolicy(
+    ("prices.*", "scores.*"),
+    size=50,
+    ttl=60,
+    retention=600,
+    idempotency_window=30,
+    state=("scores.*",),
+)
 
 # The rules, without sockets
 
@@ -32,7 +39,7 @@ GATEWAYS = HistoryPolicy(("prices.*",), size=50, ttl=60, retention=600, idempote
 def test_the_document_says_the_policy_and_reads_back() -> None:
     assert parse_kinds(kinds_document(GATEWAYS)) == GATEWAYS
     # Fields a later version adds are ignored; another version or garbage is refused.
-    later = kinds_document(GATEWAYS)[:-1] + b',"state":{"patterns":["x"]}}'
+    later = kinds_document(GATEWAYS)[:-1] + b',"later":{"patterns":["x"]}}'
     assert parse_kinds(later) == GATEWAYS
     for bad in (b"{}", b"not json", kinds_document(GATEWAYS).replace(b'"v":1', b'"v":2')):
         with pytest.raises(ValueError):

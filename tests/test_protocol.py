@@ -49,7 +49,9 @@ def parse_frame(data: bytes) -> Frame:
         ('{"op":"ping"}', Ping(None)),
         ('{"op":"refresh","token":"a.b.c","id":5}', Refresh("a.b.c", 5)),
         ('{"op":"subscribe","channel":"a-b_c.d:e@f/g"}', Subscribe("a-b_c.d:e@f/g", None)),
-        ('{"id":7,"channel":"x","op":"subscribe","extra":true}', Subscribe("x", 7)),
+        # Other requests ignore members they do not know; a subscribe's options are checked.
+        ('{"id":7,"op":"ping","extra":true}', Ping(7)),
+        ('{"op":"subscribe","channel":"s","latest":true}', Subscribe("s", latest=True)),
     ],
 )
 def test_valid_requests(text: str, expected: object) -> None:
@@ -92,6 +94,8 @@ def test_publish_keeps_data_bytes() -> None:
         ('{"op":"refresh","id":12}', ErrorCode.BAD_REQUEST, 12),
         ('{"op":"refresh","token":"","id":13}', ErrorCode.BAD_REQUEST, 13),
         ('{"op":"refresh","token":["a"],"id":14}', ErrorCode.BAD_REQUEST, 14),
+        ('{"id":7,"channel":"x","op":"subscribe","extra":true}', ErrorCode.BAD_REQUEST, 7),
+        ('{"op":"subscribe","channel":"x","latest":1,"id":15}', ErrorCode.BAD_REQUEST, 15),
     ],
 )
 def test_bad_requests(text: str, code: ErrorCode, request_id: int | None) -> None:
