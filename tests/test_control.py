@@ -338,16 +338,9 @@ async def test_clients_cannot_reach_the_control_channel(
         refused = await recv_json(ws)
         assert (refused["op"], refused["code"]) == ("error", "forbidden")
         # ...nor can it ask, nor publish a request there.
-        for op in ("subscribe", "publish"):
-            answer = await request(
-                ws,
-                {
-                    "op": op,
-                    "channel": CONTROL_CHANNEL,
-                    "data": build_control("disconnect", "bob").decode(),
-                    "id": 1,
-                },
-            )
+        data = {"data": build_control("disconnect", "bob").decode()}
+        for op, extra in (("subscribe", {}), ("publish", data)):
+            answer = await request(ws, {"op": op, "channel": CONTROL_CHANNEL, "id": 1, **extra})
             assert answer["code"] == "forbidden", op
     assert gateway.metric("wsgateway_control_requests_total", op="-", result="malformed") == 0
 
