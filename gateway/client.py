@@ -37,6 +37,7 @@ from typing import Any, Self
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from gateway import fossil
 from gateway.backoff import full_jitter
 from gateway.history import EMPTY_EPOCH
 
@@ -116,6 +117,7 @@ class Client:
         open_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         refresh_before: float = 30.0,
+        deltas: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         """``token``: a JWT, or a callable (sync or async) that returns a fresh one; with a
@@ -131,6 +133,10 @@ class Client:
         self.open_timeout = open_timeout
         self.ping_interval = ping_interval
         self.refresh_before = refresh_before
+        #: Ask for Fossil deltas (where the gateway allows them); applied here, transparently.
+        self.deltas = deltas
+        #: Each delta channel's last message as text: what the next delta applies to.
+        self._bases: dict[str, tuple[int, str, bytes]] = {}
         self._rng = rng or random.Random()
         #: The last message received of each history channel: (offset, epoch).
         self.positions: dict[str, tuple[int, str]] = {}
@@ -323,6 +329,8 @@ class Client:
         position = self.positions.get(channel)
         if position is not None:
             request["since"] = {"offset": position[0], "epoch": position[1]}
+        if self.deltas:
+            request["delta"] = "fossil"
         with contextlib.suppress(ConnectionClosed):
             await ws.send(json.dumps(request))
 
@@ -330,6 +338,11 @@ class Client:
         reply = json.loads(frame)
         op = reply.get("op")
         if op == "message":
+            if reply.get("delta") is not None and not self._undelta(reply):
+                # A delta it cannot apply (it should not happen: the gateway sends the full
+                # text whenever it is unsure): reconnect and resume from the last message.
+                await ws.close(1000, "cannot apply a delta")
+                return
             await self._message(reply)
         elif op == "subscribed":
             channel = reply["channel"]
@@ -356,6 +369,23 @@ class Client:
                 await ws.close(1000, "backplane unavailable")
             else:
                 await self._events.put(ClientError(reply.get("code", ""), reply.get("message")))
+
+    def _undelta(self, frame: dict[str, Any]) -> bool:
+        """Turn a delta subscription's frame (``data``: the text, or a Fossil delta against
+        the last one) into a plain one; False if the delta does not apply."""
+        channel, offset, epoch = frame["channel"], frame["offset"], frame["epoch"]
+        text = frame["data"].encode()
+        if frame["delta"]:
+            base = self._bases.pop(channel, None)
+            if base is None or base[:2] != (offset - 1, epoch):
+                return False
+            try:
+                text = fossil.apply(base[2], text)
+            except fossil.DeltaError:
+                return False
+        self._bases[channel] = (offset, epoch, text)
+        frame["data"] = json.loads(text)
+        return True
 
     async def _message(self, frame: dict[str, Any]) -> None:
         channel = frame["channel"]

@@ -58,16 +58,17 @@ def _common(a: bytes, i: int, b: bytes, j: int) -> int:
     length, step = 0, 256
     limit = min(len(a) - i, len(b) - j)
     while step:
-        while length + step <= limit and a[i + length : i + length + step] == b[
-            j + length : j + length + step
-        ]:
+        while (
+            length + step <= limit
+            and a[i + length : i + length + step] == b[j + length : j + length + step]
+        ):
             length += step
         step >>= 1
     return length
 
 
 def create(source: bytes, target: bytes) -> bytes:
-    """A delta that turns ``source`` into ``target``."""
+    """A delta that turns ``source`` into ``target``; valid UTF-8 when ``target`` is."""
     parts = [_number(len(target)), b"\n"]
     blocks: dict[bytes, int] = {}
     for start in range(0, len(source) - BLOCK + 1, BLOCK):
@@ -86,6 +87,15 @@ def create(source: bytes, target: bytes) -> bytes:
             back += 1
         count = back + BLOCK + _common(source, i + BLOCK, target, j + BLOCK)
         start = j - back
+        # Copies start and end on UTF-8 character boundaries, so that what is inserted is
+        # whole characters: the delta of a text is a text (sent as a JSON string).
+        while count and 0x80 <= target[start] < 0xC0:
+            start, back, count = start + 1, back - 1, count - 1
+        while count and start + count < len(target) and 0x80 <= target[start + count] < 0xC0:
+            count -= 1
+        if count < BLOCK // 2:
+            j += 1
+            continue
         if start > pending:
             parts += (_number(start - pending), b":", target[pending:start])
         parts += (_number(count), b"@", _number(i - back), b",")

@@ -27,11 +27,13 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 from gateway.backlog import Backlog
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
+from gateway.deltas import DeltaChain
 from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
 from gateway.history import (
     EMPTY_EPOCH,
@@ -74,10 +76,15 @@ class _Channel:
         "batch",
         "batch_bytes",
         "catching",
+        "chain",
         "cursor",
         "decoded",
+        "delta_wanted",
+        "deltas",
+        "diffs",
         "fetch",
         "flush",
+        "fulls",
         "held",
         "joining",
         "last_write",
@@ -132,10 +139,29 @@ class _Channel:
         # The read in flight that brings the newest message, which more subscribers that
         # want only that can share.
         self.latest_read: _Read | None = None
+        # Subscribers that take deltas (gateway.deltas), apart from the members: each with
+        # its outbox's drop count when it was last sent a message of the chain (in sync as
+        # long as that has not changed), or -1: its next message is the full text. The
+        # waiting messages as full texts and as deltas, beside the batch. All made with the
+        # first such subscriber: a channel without them pays a few empty slots.
+        self.delta_wanted: dict[Session, None] | None = None
+        self.deltas: dict[Session, int] | None = None
+        self.chain: DeltaChain | None = None
+        self.fulls: list[Outbound] = []
+        self.diffs: list[Outbound] = []
 
     @property
     def active(self) -> bool:
-        return bool(self.members or self.waiting or self.catching)
+        return bool(self.members or self.deltas or self.waiting or self.catching)
+
+    def admit(self, session: Session) -> None:
+        """``session`` receives the channel's messages from now on."""
+        if self.delta_wanted and session in self.delta_wanted:
+            if self.deltas is None:
+                self.deltas = {}
+            self.deltas[session] = -1  # its first message: the full text
+        else:
+            self.members[session] = None
 
 
 class _Read:
@@ -170,6 +196,10 @@ def _settle(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_exception(BackplaneUnavailable("history read cancelled"))
     done.exception()
+
+
+def _joined(items: list[Outbound]) -> bytes:
+    return b"".join([item.frame for item in items])
 
 
 def _deliver(members: dict[Session, None], batch: list[Outbound], frame: bytes) -> int:
@@ -210,8 +240,11 @@ class Hub:
         read_limit: ReadLimit,
         max_envelope_bytes: int,
         backlog: Backlog,
+        deltas: tuple[str, ...] = (),
     ) -> None:
         self.stats = stats
+        #: Patterns of the history channels whose subscribers may take deltas.
+        self.delta_patterns = deltas
         self._backlog = backlog
         self._drain: asyncio.Handle | None = None
         self._shed_log = Throttle()
@@ -246,7 +279,7 @@ class Hub:
 
     def subscribers(self, channel: str) -> int:
         local = self._channels.get(channel)
-        return len(local.members) if local is not None else 0
+        return len(local.members) + len(local.deltas or ()) if local is not None else 0
 
     def dispatch(self, channel: str, payload: bytes) -> None:
         """Queue one envelope for the local subscribers of ``channel``. Never blocks.
@@ -318,6 +351,16 @@ class Hub:
         item = message(envelope)
         local.batch.append(item)
         local.batch_bytes += len(item)
+        if local.deltas:  # once for all of them, whoever they are
+            if envelope.offset is None or envelope.event is not None:
+                local.fulls.append(item)  # not part of the chain: as everybody gets it
+                local.diffs.append(item)
+            else:
+                if local.chain is None:
+                    local.chain = DeltaChain()
+                full, diff = local.chain.add(envelope)
+                local.fulls.append(full)
+                local.diffs.append(diff or full)
         telemetry = self.telemetry
         if telemetry is not None and telemetry.tracer is not None:
             local.received.append((envelope, time.time_ns()))
@@ -445,6 +488,8 @@ class Hub:
         scope = telemetry.active(spans[-1]) if telemetry and spans else contextlib.nullcontext()
         with scope:
             writes = _deliver(members, batch, frame)
+            if local.deltas:
+                self._deliver_deltas(local, batch, frame)
             if local.waiting:
                 for kept in local.waiting.values():
                     kept.extend(batch)
@@ -453,7 +498,7 @@ class Hub:
             if local.catching:
                 self._deliver_catching(local, batch)
         self.stats.writes += writes
-        self.stats.fanout += len(members) * len(batch)
+        self.stats.fanout += (len(members) + len(local.deltas or ())) * len(batch)
         local.last_write = asyncio.get_running_loop().time()
         if telemetry is None:
             return
@@ -464,6 +509,50 @@ class Hub:
         for span in spans:
             span.set_attribute("wsgateway.deliveries", len(members))
             span.end()
+
+    @staticmethod
+    def _deliver_deltas(local: _Channel, batch: list[Outbound], frame: bytes) -> None:
+        """Subscribers that take deltas get the batch's messages as deltas if they hold the
+        message before them, else the first one as its full text and deltas after it."""
+        fulls, diffs = local.fulls, local.diffs
+        local.fulls, local.diffs = [], []
+        # Messages accepted before anyone took deltas have only their plain frames.
+        head = batch[: len(batch) - len(fulls)]
+        in_sync = head + diffs
+        resync: list[Outbound] = list(head)
+        chained = False
+        for full, diff, plain in zip(fulls, diffs, batch[len(head) :], strict=True):
+            if full is plain:  # an event, or unnumbered: not part of the chain
+                resync.append(plain)
+            else:
+                resync.append(diff if chained else full)
+                chained = True
+        in_sync_frame = in_sync[0].frame if len(in_sync) == 1 else _joined(in_sync)
+        resync_frame = b""
+        deltas = local.deltas
+        assert deltas is not None
+        for session, seen in deltas.items():
+            outbox = session.outbox
+            dropped = outbox.dropped if outbox is not None else 0
+            if seen == dropped:
+                items, joined = in_sync, in_sync_frame
+            else:
+                if not resync_frame:
+                    resync_frame = _joined(resync)
+                items, joined = resync, resync_frame
+            write = session.direct
+            if write is not None:  # the cheapest way, as for plain members (see _deliver)
+                try:
+                    write(joined)
+                except Exception as exc:  # a transport that closed under us
+                    session.direct = None
+                    log.debug("write failed: %s", exc)
+            else:
+                session.deliver(items, joined)
+            if chained:
+                # Its drop count before this batch: if the queue drops any of it (drop-oldest,
+                # drop-newest), the count differs next time and it gets the full text.
+                deltas[session] = dropped
 
     @staticmethod
     def _deliver_catching(local: _Channel, batch: list[Outbound]) -> None:
@@ -478,7 +567,7 @@ class Hub:
                 session.deliver(items, b"".join([item.frame for item in items]))
             if not same_epoch or (cursor is not None and (cursor.offset or 0) >= start):
                 del local.catching[session]
-                local.members[session] = None
+                local.admit(session)
 
     def _log_shed(self) -> None:
         if self._shed_log.ready():
@@ -500,16 +589,23 @@ class Hub:
                 sum(self.stats.malformed.values()),
             )
 
+    def allows_delta(self, channel: str) -> bool:
+        return self.backplane.history_policy.applies(channel) and any(
+            fnmatchcase(channel, pattern) for pattern in self.delta_patterns
+        )
+
     async def subscribe(
         self,
         session: Session,
         channel: str,
         since: tuple[int, str] | None = None,
         latest: bool | None = None,
+        delta: bool = False,
     ) -> Joined | None:
-        """:meth:`_subscribe`, then tell :attr:`on_joined` of a session new on the channel."""
+        """:meth:`_subscribe`, then tell :attr:`on_joined` of a session new on the channel.
+        With ``delta`` (on a channel that allows it), its live messages come as deltas."""
         already = channel in session.channels
-        joined = await self._subscribe(session, channel, since, latest)
+        joined = await self._subscribe(session, channel, since, latest, delta)
         if not already and channel in session.channels and self.on_joined is not None:
             self.on_joined(session, channel)
         return joined
@@ -520,6 +616,7 @@ class Hub:
         channel: str,
         since: tuple[int, str] | None = None,
         latest: bool | None = None,
+        delta: bool = False,
     ) -> Joined | None:
         """Add ``session`` to ``channel``; return once messages published from now on reach it.
 
@@ -559,6 +656,10 @@ class Hub:
             self._write(local)
             local.members[session] = None
             return None
+        if delta and self.allows_delta(channel):
+            if local.delta_wanted is None:
+                local.delta_wanted = {}
+            local.delta_wanted[session] = None
         if latest is None:
             latest = self.backplane.history_policy.is_state(channel)
         return await self._join_history(session, local, since, latest)
@@ -612,7 +713,7 @@ class Hub:
         start = recovery.position
         replay.extend(item for item in kept if item.offset is None or item.offset > start)
         if cursor.epoch == recovery.epoch and (cursor.offset or 0) >= start:
-            local.members[session] = None
+            local.admit(session)
         else:
             local.catching[session] = (recovery.epoch, start)
         self.stats.history["latest" if latest_only else "replayed"] += len(recovery.replay)
@@ -648,7 +749,7 @@ class Hub:
         recovery = latest(page, since)
         replay = [item for _, item in recovery.replay if item is not None]
         if cursor.epoch == epoch and (cursor.offset or 0) >= start:
-            local.members[session] = None
+            local.admit(session)
         else:  # read, not yet live: what arrives live up to it is not for this subscriber
             local.catching[session] = (epoch, start)
         self.stats.history["latest"] += len(replay)
@@ -726,6 +827,10 @@ class Hub:
         local = self._channels.get(channel)
         if local is not None:
             local.members.pop(session, None)
+            if local.deltas:
+                local.deltas.pop(session, None)
+            if local.delta_wanted:
+                local.delta_wanted.pop(session, None)
             local.joining.discard(session)
             local.waiting.pop(session, None)
             local.catching.pop(session, None)

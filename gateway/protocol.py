@@ -7,7 +7,7 @@ that is echoed in its reply. See ``docs/protocol.md`` for the full contract.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from websockets.frames import Frame, Opcode
@@ -93,6 +93,8 @@ class Subscribe(
     since: Since | None = None
     #: The channel's newest message right after the reply (default: on state channels).
     latest: bool | None = None
+    #: Live messages as Fossil deltas, on channels that allow them (gateway.deltas).
+    delta: Literal["fossil"] | None = None
 
 
 class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op", frozen=True):
@@ -252,6 +254,20 @@ class _HistoryMessage(msgspec.Struct):
     epoch: str
 
 
+class _TextMessage(msgspec.Struct):
+    """A message to a subscriber that negotiated deltas: ``data`` is the data's JSON text as
+    a string (``delta`` false), or a Fossil delta against the previous one (``delta`` true)."""
+
+    op: str
+    channel: str
+    data: str
+    mid: str
+    ts: int
+    offset: int
+    epoch: str
+    delta: bool
+
+
 class _Event(msgspec.Struct, omit_defaults=True):
     op: str
     channel: str
@@ -299,6 +315,7 @@ class _Subscribed(msgspec.Struct, omit_defaults=True):
     offset: int | None = None
     epoch: str | None = None
     latest: bool | None = None
+    delta: bool | None = None
 
 
 class _Error(msgspec.Struct):
@@ -339,6 +356,23 @@ def message(envelope: Envelope) -> Outbound:
     return Outbound(_encode(frame), envelope.ts, envelope.offset)
 
 
+def text_message(envelope: Envelope, text: bytes, *, delta: bool) -> Outbound:
+    """The ``message`` frame of a history channel's message for a subscriber that takes
+    deltas: ``text`` is the data's JSON text, or (``delta``) a Fossil delta making it."""
+    assert envelope.offset is not None and envelope.epoch is not None
+    frame = _TextMessage(
+        "message",
+        envelope.channel,
+        text.decode(),
+        envelope.mid,
+        envelope.ts,
+        envelope.offset,
+        envelope.epoch,
+        delta,
+    )
+    return Outbound(_encode(frame), envelope.ts, envelope.offset)
+
+
 def subscribed(
     channel: str,
     request_id: int | None,
@@ -347,13 +381,23 @@ def subscribed(
     offset: int | None = None,
     epoch: str | None = None,
     latest: bool = False,
+    delta: bool = False,
 ) -> Outbound:
     """The ``subscribed`` reply; on a history channel with the position the client starts
     at (and, when it asked to resume, whether every missed message follows; ``latest``: the
     channel's newest message, at ``offset``, follows)."""
     return Outbound(
         _encode(
-            _Subscribed("subscribed", channel, request_id, recovered, offset, epoch, latest or None)
+            _Subscribed(
+                "subscribed",
+                channel,
+                request_id,
+                recovered,
+                offset,
+                epoch,
+                latest or None,
+                delta or None,
+            )
         )
     )
 

@@ -113,6 +113,7 @@ class Gateway:
             read_limit=ReadLimit(settings.replay_max_messages, settings.replay_max_bytes),
             max_envelope_bytes=settings.max_envelope_bytes,
             backlog=Backlog(settings.backlog_messages, settings.backlog_bytes),
+            deltas=settings.patterns(settings.delta_channels),
         )
         self.auth = _authenticator(settings)
         self.limits = Limits(
@@ -475,7 +476,12 @@ class Gateway:
                 since = request.since
                 position = (since.offset, since.epoch) if since is not None else None
                 await self._subscribe(
-                    session, request.channel, request.id, position, request.latest
+                    session,
+                    request.channel,
+                    request.id,
+                    position,
+                    request.latest,
+                    request.delta is not None,
                 )
             elif isinstance(request, Unsubscribe):
                 await self.hub.unsubscribe(session, request.channel)
@@ -539,6 +545,7 @@ class Gateway:
         request_id: int | None = None,
         since: tuple[int, str] | None = None,
         latest: bool | None = None,
+        delta: bool = False,
     ) -> None:
         if not session.access.can_subscribe(channel):
             raise RequestError(
@@ -551,7 +558,7 @@ class Gateway:
             )
         already = channel in session.channels
         try:
-            joined = await self.hub.subscribe(session, channel, since, latest)
+            joined = await self.hub.subscribe(session, channel, since, latest, delta)
         except BackplaneUnavailable as exc:
             raise RequestError(ErrorCode.UNAVAILABLE, str(exc), request_id) from None
         if joined is None:
@@ -569,6 +576,7 @@ class Gateway:
                 offset=recovery.position,
                 epoch=recovery.epoch,
                 latest=joined.latest,
+                delta=delta and self.hub.allows_delta(channel),
             )
         )
         session.replay(joined.replay)

@@ -244,6 +244,12 @@ class Settings(BaseSettings):
         "subscribers get the latest message right after 'subscribed' (a price, a scoreboard, "
         "a document), and whose resume brings only the latest",
     )
+    delta_channels: str = Field(
+        "",
+        description="comma-separated glob patterns of history (or state) channels whose "
+        "subscribers may ask for their messages as Fossil deltas (subscribe option "
+        '"delta": "fossil"): after one full message, each update costs only what changed',
+    )
     history_idempotency_window: Seconds = Field(
         300.0,
         description="seconds a publisher's idempotency key is remembered: a retry with the "

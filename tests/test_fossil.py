@@ -4,6 +4,8 @@ deltas, and every way a delta can be wrong."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,36 @@ def test_a_delta_applied_to_another_source_is_refused() -> None:
     delta = create(b"the first document, long enough", b"the first document, long enough!")
     with pytest.raises(DeltaError, match="checksum"):
         apply(b"the other document, long enough", delta)
+
+
+def test_the_demo_pages_applier_agrees_with_the_reference_and_with_ours() -> None:
+    """gateway/demo/demo.js applies deltas itself (a browser has no Fossil library): run its
+    function in Node on the reference library's deltas and on deltas made here."""
+    node = shutil.which("node")
+    assert node is not None, "needs Node.js: ./dev test installs it with apt-get"
+    source = (Path(__file__).parent.parent / "gateway" / "demo" / "demo.js").read_text()
+    start, end = source.index("const bases"), source.index("// A delta subscription")
+    vectors = json.loads(FIXTURES.read_text())["vectors"]
+    before = json.dumps({"rows": [{"id": n, "name": f"é {n}"} for n in range(90)]})
+    after = before.replace('"é 7"', '"renamed ✓"').replace('"é 61"', '"x"')
+    ours = create(before.encode(), after.encode()).decode()
+    vectors.append({"source": before, "target": after, "delta": ours})
+    script = (
+        source[start:end]
+        + """
+const enc = new TextEncoder(), dec = new TextDecoder();
+const vectors = JSON.parse(require("fs").readFileSync(0, "utf8"));
+const apply = (v) => dec.decode(fossilApply(enc.encode(v.source), enc.encode(v.delta)));
+const results = vectors.map(apply);
+let broken = false;
+try { fossilApply(enc.encode("abc"), enc.encode("3\\n3:abd0;")); } catch { broken = true; }
+console.log(JSON.stringify({results, broken}));
+"""
+    )
+    done = subprocess.run(
+        [node, "-e", script], input=json.dumps(vectors), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    output = json.loads(done.stdout)
+    assert output["results"] == [v["target"] for v in vectors]
+    assert output["broken"] is True  # a wrong checksum is refused

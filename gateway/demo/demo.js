@@ -36,8 +36,75 @@ function send(request) {
   ws.send(JSON.stringify(request));
 }
 
+// Fossil deltas (docs/protocol.md, "Delta compression"): the gateway sends a channel that
+// allows them as the full text of a message, then deltas against the previous one.
+const bases = new Map(); // channel -> {offset, epoch, bytes} of the last text received
+const DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~";
+const VALUES = new Map([...DIGITS].map((c, i) => [c.charCodeAt(0), i]));
+
+function fossilApply(source, delta) {
+  let at = 0;
+  const number = () => {
+    let value = 0, start = at;
+    while (at < delta.length && VALUES.has(delta[at])) value = value * 64 + VALUES.get(delta[at++]);
+    if (at === start) throw new Error("a number expected");
+    return value;
+  };
+  const size = number();
+  if (delta[at++] !== 10) throw new Error("size must end with a newline");
+  const out = new Uint8Array(size);
+  let length = 0;
+  while (at < delta.length) {
+    const count = number();
+    const command = String.fromCharCode(delta[at++]);
+    if (command === "@") {
+      const offset = number();
+      if (delta[at++] !== 44 || offset + count > source.length || length + count > size) throw new Error("bad copy");
+      out.set(source.subarray(offset, offset + count), length);
+      length += count;
+    } else if (command === ":") {
+      if (at + count > delta.length || length + count > size) throw new Error("bad insert");
+      out.set(delta.subarray(at, at + count), length);
+      length += count;
+      at += count;
+    } else if (command === ";") {
+      if (length !== size || count !== checksum(out)) throw new Error("checksum mismatch");
+      return out;
+    } else throw new Error("unknown command");
+  }
+  throw new Error("no checksum");
+}
+
+function checksum(bytes) {
+  let sum = 0;
+  for (let i = 0; i < bytes.length; i += 4) {
+    const word = ((bytes[i] << 24) | ((bytes[i + 1] ?? 0) << 16) | ((bytes[i + 2] ?? 0) << 8) | (bytes[i + 3] ?? 0)) >>> 0;
+    sum = (sum + word) >>> 0;
+  }
+  return sum;
+}
+
+// A delta subscription's frame as a plain one; false if its delta cannot be applied.
+function undelta(frame) {
+  let bytes = new TextEncoder().encode(frame.data);
+  if (frame.delta) {
+    const base = bases.get(frame.channel);
+    if (!base || base.epoch !== frame.epoch || base.offset !== frame.offset - 1) return false;
+    try {
+      bytes = fossilApply(base.bytes, bytes);
+    } catch {
+      return false;
+    }
+    document.body.dataset.deltas = Number(document.body.dataset.deltas ?? 0) + 1; // applied
+  }
+  bases.set(frame.channel, { offset: frame.offset, epoch: frame.epoch, bytes });
+  frame.data = JSON.parse(new TextDecoder().decode(bytes));
+  frame.delta = undefined;
+  return true;
+}
+
 function subscribe(channel) {
-  const request = { op: "subscribe", channel };
+  const request = { op: "subscribe", channel, delta: "fossil" };
   const since = positions.get(channel);
   if (since) request.since = since;
   send(request);
@@ -129,6 +196,11 @@ function showMessage(frame) {
 }
 
 function onMessage(frame) {
+  if (frame.delta !== undefined && !undelta(frame)) {
+    notice(`cannot apply a delta on ${frame.channel}: reconnecting to resume`);
+    ws.close();
+    return;
+  }
   if (frame.offset !== undefined) {
     let last = positions.get(frame.channel);
     // Subscribed before the channel had history (epoch "0"): this is its start.
