@@ -9,6 +9,7 @@ import signal
 from typing import Any
 
 import msgspec
+import pytest
 import redis
 
 from gateway import fossil
@@ -121,10 +122,13 @@ async def test_deltas_rebuild_exactly_what_full_subscribers_get(
     r.close()
 
 
+@pytest.mark.parametrize("backplane", ["redis", "cluster"])
 async def test_the_python_client_applies_deltas_through_a_replica_kill_and_a_resume(
-    redis_server: RedisServer, gateway_factory: GatewayFactory
+    request: pytest.FixtureRequest, gateway_factory: GatewayFactory, backplane: str
 ) -> None:
-    env = {**DELTAS, "GATEWAY_REDIS_URL": redis_server.url}
+    fixture = "redis_server" if backplane == "redis" else "cluster"
+    redis_url = request.getfixturevalue(fixture).url
+    env = {**DELTAS, "GATEWAY_REDIS_URL": redis_url}
     first, second = gateway_factory(env), gateway_factory(env)
     urls = [first.ws_url, second.ws_url]
     received: dict[bool, list[tuple[int | None, Any]]] = {True: [], False: []}
@@ -139,7 +143,7 @@ async def test_the_python_client_applies_deltas_through_a_replica_kill_and_a_res
                         connects[deltas] = follower.connects
                         return
 
-    with Publisher(redis_server.url) as publisher:
+    with Publisher(redis_url) as publisher:
         publisher.publish("doc.k", document(0))  # before anyone: not received
         tasks = [asyncio.create_task(follow(deltas, 31)) for deltas in (True, False)]
         await asyncio.sleep(1.0)

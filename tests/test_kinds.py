@@ -15,6 +15,7 @@ from publisher.history import HistoryPolicy, Outcome
 from publisher.kinds import ChannelKinds, kinds_document, parse_kinds
 from tests.harness import (
     GatewayFactory,
+    RedisClusterServers,
     RedisServer,
     client,
     envelope,
@@ -166,3 +167,26 @@ async def test_exactly_once_through_the_library_and_wspublish(
     assert plain.returncode == 2 and "keeps no history" in plain.stderr
     assert r.xlen("{ws:doc.2}:history") == 2
     r.close()
+
+
+async def test_exactly_once_on_a_cluster(
+    cluster: RedisClusterServers, gateway_factory: GatewayFactory
+) -> None:
+    """The idempotency records and the version live in the channel's slot (its hash tag):
+    the script runs on one node of a Redis Cluster too."""
+    gateway_factory({"GATEWAY_REDIS_URL": cluster.url, "GATEWAY_HISTORY_CHANNELS": "doc.*"})
+    with Publisher(cluster.url) as publisher:
+        # Until a replica has written which channels keep history, the publisher numbers none.
+        wait_until(lambda: _follows(publisher, "doc.1"))
+        for channel in ("doc.1", "doc.room{7}"):
+            first = publisher.append(channel, 1, idempotency_key="k")
+            again = publisher.append(channel, 1, idempotency_key="k")
+            assert (again.offset, again.outcome) == (first.offset, Outcome.DUPLICATE)
+            assert publisher.append(channel, 2, version=3).outcome is Outcome.PUBLISHED
+            assert publisher.append(channel, 3, version=3).outcome is Outcome.STALE
+
+
+def _follows(publisher: Publisher, channel: str) -> bool:
+    """Whether the publisher, reading the gateways' kinds now, numbers ``channel``."""
+    publisher.kinds.update(publisher._redis.get(publisher._kinds_key), 0.0)
+    return publisher.history.applies(channel)
