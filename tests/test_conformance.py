@@ -41,7 +41,11 @@ async def test_a_node_publisher_following_the_docs_works_on_every_kind_of_channe
     redis_server: RedisServer, gateway_factory: GatewayFactory
 ) -> None:
     gateway = gateway_factory(
-        {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_HISTORY_CHANNELS": "hist.*,room{*"}
+        {
+            "GATEWAY_REDIS_URL": redis_server.url,
+            "GATEWAY_HISTORY_CHANNELS": "hist.*,room{*",
+            "GATEWAY_STATE_CHANNELS": "state.*",
+        }
     )
     r: Any = redis.Redis.from_url(redis_server.url)
     wait_until(lambda: r.get("ws:@@channels") is not None)
@@ -111,4 +115,16 @@ async def test_a_node_publisher_following_the_docs_works_on_every_kind_of_channe
     assert "version must be a whole number" in results[4]["error"]
     assert "idempotency key must be" in results[5]["error"]
     assert r.xlen("{ws:hist.a}:history") == 3
+
+    # A state channel is a history channel to a publisher; its late subscriber gets the
+    # latest at once, whoever published it.
+    state = node_publish(
+        redis_server.port,
+        [{"channel": "state.price", "data": p, "pretty": p == 2} for p in (1, 2, 3)],
+    )
+    assert [s["reply"][3] for s in state] == ["published"] * 3
+    async with client(gateway.ws_url) as ws:
+        reply = await request(ws, {"op": "subscribe", "channel": "state.price", "id": 1})
+        assert (reply["offset"], reply["latest"]) == (3, True)
+        assert (await recv_json(ws))["data"] == 3
     r.close()
