@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 from websockets.typing import Origin
 
-from gateway import demo
+from gateway import demo, lag
 from gateway.access import Access
 from gateway.admission import Admission
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
@@ -238,6 +238,9 @@ class Gateway:
             backlog=LISTEN_BACKLOG,
         )
         self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
+        self._tasks.append(
+            asyncio.create_task(lag.watch(self.telemetry.loop_lag.record), name="lag")
+        )
         self._tasks.append(asyncio.create_task(self.control.serve(), name="control"))
         self._tasks.append(
             asyncio.create_task(

@@ -130,6 +130,13 @@ class Telemetry:
             description="depth of a client's queue when a message is queued (congested clients)",
             explicit_bucket_boundaries_advisory=list(QUEUE_DEPTH_BUCKETS),
         )
+        self.loop_lag = meter.create_histogram(
+            "wsgateway.loop.lag",
+            unit="s",
+            description="how much later than due the event loop ran a timer, sampled ten times "
+            "a second: what every client of the replica waits at that moment (saturation)",
+            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
+        )
         self.keepalive_rtt = meter.create_histogram(
             "wsgateway.keepalive.rtt",
             unit="s",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
+from gateway import lag
 from gateway.logs import JsonFormatter
 from gateway.telemetry import Telemetry
 from publisher import AsyncPublisher
@@ -38,6 +41,7 @@ from tests.harness import (
     envelope,
     recv_json,
     request,
+    wait_until,
     wspublish,
 )
 
@@ -392,3 +396,35 @@ def test_no_exporter_means_no_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         monkeypatch.delenv(name, raising=False)
     assert Telemetry(prometheus=False).tracer is None
+
+
+async def test_the_loop_lag_is_what_a_blocked_loop_makes_a_timer_wait() -> None:
+    lags: list[float] = []
+    watcher = asyncio.create_task(lag.watch(lags.append, interval=0.02))
+    await asyncio.sleep(0.1)
+    time.sleep(0.3)  # noqa: ASYNC251 - on purpose: a callback that keeps the loop 300 ms
+    await asyncio.sleep(0.1)
+    watcher.cancel()
+    assert max(lags) >= 0.25  # the one due during the block ran that late
+    assert sorted(lags)[len(lags) // 2] < 0.02  # the others, on time
+
+
+def test_a_stopped_replica_shows_its_loop_lag(gateway_factory: GatewayFactory) -> None:
+    """SIGSTOP holds the whole process for 0.6 s, as a saturated core would: the histogram
+    records it, for an alert on the replica's saturation."""
+    gateway = gateway_factory()
+
+    def slow_samples() -> float:
+        _, text = gateway.http("/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        samples = families["wsgateway_loop_lag_seconds"].samples
+        buckets = {s.labels.get("le"): s.value for s in samples if s.name.endswith("_bucket")}
+        return buckets["+Inf"] - buckets["0.25"]
+
+    time.sleep(0.3)  # a few samples first
+    assert slow_samples() == 0
+    assert gateway.process is not None
+    gateway.process.send_signal(signal.SIGSTOP)
+    time.sleep(0.6)
+    gateway.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: slow_samples() >= 1)
