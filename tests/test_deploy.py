@@ -163,11 +163,13 @@ async def test_dashboard_queries_name_series_a_running_gateway_exports(
                 with pytest.raises(InvalidStatus):  # the fourth: refused
                     async with client(gateway.ws_url):
                         pass
-        # The two clients closed (the refused one never opened), the stalled one's drops.
+        # The two clients closed (the refused one never opened), the stalled one's drops,
+        # and the loop lag's first sample (every 100 ms from the start).
         await async_wait_until(
             lambda: (
                 gateway.metric("wsgateway_connections_closed_total") >= 2
                 and gateway.metric("wsgateway_deliveries_dropped_total") > 0
+                and gateway.metric("wsgateway_loop_lag_seconds_count") > 0
             )
         )
     finally:
