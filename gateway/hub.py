@@ -198,10 +198,6 @@ def _settle(done: asyncio.Future[None]) -> None:
     done.exception()
 
 
-def _joined(items: list[Outbound]) -> bytes:
-    return b"".join([item.frame for item in items])
-
-
 def _deliver(members: dict[Session, None], batch: list[Outbound], frame: bytes) -> int:
     """Hand ``frame`` (``batch`` joined) to every member; return the direct writes made.
 
@@ -489,7 +485,7 @@ class Hub:
         with scope:
             writes = _deliver(members, batch, frame)
             if local.deltas:
-                self._deliver_deltas(local, batch, frame)
+                writes += self._deliver_deltas(local, batch, frame)
             if local.waiting:
                 for kept in local.waiting.values():
                     kept.extend(batch)
@@ -511,9 +507,10 @@ class Hub:
             span.end()
 
     @staticmethod
-    def _deliver_deltas(local: _Channel, batch: list[Outbound], frame: bytes) -> None:
+    def _deliver_deltas(local: _Channel, batch: list[Outbound], frame: bytes) -> int:
         """Subscribers that take deltas get the batch's messages as deltas if they hold the
-        message before them, else the first one as its full text and deltas after it."""
+        message before them, else the first one as its full text and deltas after it; return
+        the direct writes made. ``frame`` is the batch joined, as plain members get it."""
         fulls, diffs = local.fulls, local.diffs
         local.fulls, local.diffs = [], []
         # Messages accepted before anyone took deltas have only their plain frames.
@@ -527,32 +524,24 @@ class Hub:
             else:
                 resync.append(diff if chained else full)
                 chained = True
-        in_sync_frame = in_sync[0].frame if len(in_sync) == 1 else _joined(in_sync)
-        resync_frame = b""
         deltas = local.deltas
         assert deltas is not None
+        holding: dict[Session, None] = {}  # the message before the batch: deltas
+        behind: dict[Session, None] = {}  # unsure: the full text first
         for session, seen in deltas.items():
             outbox = session.outbox
             dropped = outbox.dropped if outbox is not None else 0
-            if seen == dropped:
-                items, joined = in_sync, in_sync_frame
-            else:
-                if not resync_frame:
-                    resync_frame = _joined(resync)
-                items, joined = resync, resync_frame
-            write = session.direct
-            if write is not None:  # the cheapest way, as for plain members (see _deliver)
-                try:
-                    write(joined)
-                except Exception as exc:  # a transport that closed under us
-                    session.direct = None
-                    log.debug("write failed: %s", exc)
-            else:
-                session.deliver(items, joined)
+            (holding if seen == dropped else behind)[session] = None
             if chained:
                 # Its drop count before this batch: if the queue drops any of it (drop-oldest,
                 # drop-newest), the count differs next time and it gets the full text.
                 deltas[session] = dropped
+        writes = 0
+        for group, items in ((holding, in_sync), (behind, resync)):
+            if group:  # without a message of the chain, both are the plain batch
+                joined = b"".join([item.frame for item in items]) if chained else frame
+                writes += _deliver(group, items, joined)
+        return writes
 
     @staticmethod
     def _deliver_catching(local: _Channel, batch: list[Outbound]) -> None:
