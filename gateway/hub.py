@@ -5,10 +5,12 @@ unsubscribes it, so a replica receives only what its own clients want. Each mess
 and encoded once, then the same :class:`~gateway.protocol.Outbound` goes to every subscriber.
 
 Messages are written per channel in batches: what the backplane hands over in one loop
-iteration (all the messages of one socket read) and, with ``window`` > 0, what arrives within
-``window`` seconds of the channel's last write is joined into one buffer, built once, and each
-subscriber gets it in one write. Under load the system calls per delivery fall well below one;
-at a quiet moment the first message still goes out on the next loop iteration.
+iteration (all the messages of one socket read) and, while the coalescing window
+(:mod:`gateway.coalescing`) is open, what arrives within it after the channel's last write is
+joined into one buffer, built once, and each subscriber gets it in one write. Under load the
+system calls per delivery fall well below one; at a quiet moment the first message still goes
+out on the next loop iteration. The channels due in the same iteration are written together:
+a client subscribed to several of them gets all their messages in one write.
 
 History channels (see :mod:`gateway.history`) are delivered in offset order, once each: a
 :class:`~gateway.history.Cursor` per channel drops duplicates, and a missing offset (or the
@@ -25,7 +27,8 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING
 from gateway.backlog import Backlog
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
+from gateway.coalescing import Coalescing
 from gateway.deltas import DeltaChain
 from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
 from gateway.history import (
@@ -82,6 +86,7 @@ class _Channel:
         "delta_wanted",
         "deltas",
         "diffs",
+        "due",
         "fetch",
         "flush",
         "fulls",
@@ -112,7 +117,8 @@ class _Channel:
         self.batch: list[Outbound] = []
         self.batch_bytes = 0
         self.received: list[tuple[Envelope, int]] = []
-        self.flush: asyncio.Handle | None = None
+        self.flush: asyncio.Handle | None = None  # the window's end, while it holds them
+        self.due = False  # in the hub's list of channels to write this iteration
         self.last_write = -math.inf  # loop time
         # History channels only: the last offset delivered; while a read of the stream fills
         # a gap, the live messages that arrive meanwhile (else None).
@@ -198,8 +204,19 @@ def _settle(done: asyncio.Future[None]) -> None:
     done.exception()
 
 
-def _deliver(members: dict[Session, None], batch: list[Outbound], frame: bytes) -> int:
-    """Hand ``frame`` (``batch`` joined) to every member; return the direct writes made.
+#: Sessions subscribed to more than one of the channels being written together, each with
+#: what it is to get of them (messages, and those joined), for one write at the end.
+Shared = dict[Session, list[tuple[Sequence[Outbound], bytes]]]
+
+
+def _deliver(
+    members: dict[Session, None],
+    batch: Sequence[Outbound],
+    frame: bytes,
+    shared: Shared | None = None,
+) -> int:
+    """Hand ``frame`` (``batch`` joined) to every member, or keep it in ``shared`` for those
+    there; return the direct writes made.
 
     The loop every delivery goes through, so it does as little as it can: one attribute and
     one call for a client that can take the frame straight away.
@@ -209,7 +226,20 @@ def _deliver(members: dict[Session, None], batch: list[Outbound], frame: bytes) 
     while True:
         session = None
         try:
+            if shared is None:
+                for session in remaining:
+                    write = session.direct
+                    if write is None:
+                        session.deliver(batch, frame)
+                    else:
+                        write(frame)
+                        writes += 1
+                return writes
             for session in remaining:
+                later = shared.get(session)
+                if later is not None:
+                    later.append((batch, frame))
+                    continue
                 write = session.direct
                 if write is None:
                     session.deliver(batch, frame)
@@ -230,8 +260,7 @@ class Hub:
         stats: Stats,
         telemetry: Telemetry | None = None,
         *,
-        coalesce: bool = True,
-        window: float = 0.0,
+        coalescing: Coalescing,
         max_batch_bytes: int = 65536,
         read_limit: ReadLimit,
         max_envelope_bytes: int,
@@ -248,8 +277,10 @@ class Hub:
         self.read_limit = read_limit
         self._reads = asyncio.Semaphore(_READS_AT_ONCE)
         self.telemetry = telemetry
-        self.coalesce = coalesce
-        self.window = window
+        self.coalescing = coalescing
+        #: Channels to write on the loop's next iteration, together.
+        self._due: list[_Channel] = []
+        self._writing: asyncio.Handle | None = None
         self.max_batch_bytes = max_batch_bytes
         self.backplane = make_backplane(self.dispatch)
         self.backplane.on_resume = self._resume
@@ -360,16 +391,52 @@ class Hub:
         telemetry = self.telemetry
         if telemetry is not None and telemetry.tracer is not None:
             local.received.append((envelope, time.time_ns()))
-        if not self.coalesce or local.batch_bytes >= self.max_batch_bytes:
+        if local.batch_bytes >= self.max_batch_bytes or not self.coalescing.enabled:
             self._write(local)
-        elif local.flush is None:
+        elif local.flush is None and not local.due:
             loop = asyncio.get_running_loop()
-            delay = local.last_write + self.window - loop.time()
+            delay = local.last_write + self.coalescing.window - loop.time()
             if delay > 0:
-                local.flush = loop.call_later(delay, self._write, local)
+                local.flush = loop.call_later(delay, self._make_due, local)
             else:
-                local.flush = loop.call_soon(self._write, local)
+                self._make_due(local)
         return item
+
+    def _make_due(self, local: _Channel) -> None:
+        """Write the channel's messages on the loop's next iteration, with the others due."""
+        local.flush = None
+        if not local.due:
+            local.due = True
+            self._due.append(local)
+            if self._writing is None:
+                self._writing = asyncio.get_running_loop().call_soon(self._write_due)
+
+    def _write_due(self) -> None:
+        """Write every channel due, a client of several of them getting one write of all."""
+        self._writing = None
+        due, self._due = self._due, []
+        for local in due:
+            local.due = False
+        if len(due) == 1:
+            self._write(due[0])
+            return
+        counts: Counter[Session] = Counter()
+        for local in due:
+            if local.batch:
+                counts.update(iter(local.members))
+                if local.deltas:
+                    counts.update(iter(local.deltas))
+        shared: Shared = {session: [] for session, n in counts.items() if n > 1}
+        for local in due:
+            self._write(local, shared or None)
+        for session, parts in shared.items():
+            if len(parts) == 1:
+                session.deliver(*parts[0])
+            elif parts:
+                session.deliver(
+                    [item for items, _ in parts for item in items],
+                    b"".join([frame for _, frame in parts]),
+                )
 
     def _sequence(self, local: _Channel, envelope: Envelope, *, fill_gaps: bool) -> None:
         """Deliver a history channel's message once and in order; on a gap, read the missing
@@ -464,8 +531,9 @@ class Hub:
                 local.held = []
                 self._fill(local)
 
-    def _write(self, local: _Channel) -> None:
-        """Hand the channel's waiting messages to every subscriber, one buffer for all."""
+    def _write(self, local: _Channel, shared: Shared | None = None) -> None:
+        """Hand the channel's waiting messages to every subscriber, one buffer for all (those
+        in ``shared`` get theirs later, with other channels')."""
         if local.flush is not None:
             local.flush.cancel()
             local.flush = None
@@ -483,9 +551,9 @@ class Hub:
         # The last span is the current one while writing, so log lines carry its trace id.
         scope = telemetry.active(spans[-1]) if telemetry and spans else contextlib.nullcontext()
         with scope:
-            writes = _deliver(members, batch, frame)
+            writes = _deliver(members, batch, frame, shared)
             if local.deltas:
-                writes += self._deliver_deltas(local, batch, frame)
+                writes += self._deliver_deltas(local, batch, frame, shared)
             if local.waiting:
                 for kept in local.waiting.values():
                     kept.extend(batch)
@@ -507,7 +575,9 @@ class Hub:
             span.end()
 
     @staticmethod
-    def _deliver_deltas(local: _Channel, batch: list[Outbound], frame: bytes) -> int:
+    def _deliver_deltas(
+        local: _Channel, batch: list[Outbound], frame: bytes, shared: Shared | None
+    ) -> int:
         """Subscribers that take deltas get the batch's messages as deltas if they hold the
         message before them, else the first one as its full text and deltas after it; return
         the direct writes made. ``frame`` is the batch joined, as plain members get it."""
@@ -540,7 +610,7 @@ class Hub:
         for group, items in ((holding, in_sync), (behind, resync)):
             if group:  # without a message of the chain, both are the plain batch
                 joined = b"".join([item.frame for item in items]) if chained else frame
-                writes += _deliver(group, items, joined)
+                writes += _deliver(group, items, joined, shared)
         return writes
 
     @staticmethod

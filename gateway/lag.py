@@ -1,14 +1,17 @@
-"""How late the event loop runs what is due: a replica's saturation, as operators see it.
+"""How busy the replica is, sampled: its loop's lag and its share of a core.
 
-One task wakes every :data:`INTERVAL` seconds and records how much later than asked it woke.
-An idle replica records microseconds; one whose loop is busy (fan-out, a flood of
-handshakes, a page of history) records how long a callback due now waits behind the others,
-which is the latency every client of the replica is paying at that moment.
+One task wakes every :data:`INTERVAL` seconds and reports how much later than asked it woke
+and how much CPU the process used since the last wake. An idle replica reports microseconds
+and a few percent; one whose loop is busy (fan-out, a flood of handshakes, a page of history)
+reports how long a callback due now waits behind the others, which is the latency every
+client of the replica is paying at that moment. Operators see the lag as a histogram; the
+adaptive coalescing (:mod:`gateway.coalescing`) steers by both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 __all__ = ["INTERVAL", "watch"]
@@ -17,10 +20,15 @@ __all__ = ["INTERVAL", "watch"]
 INTERVAL = 0.1
 
 
-async def watch(record: Callable[[float], object], interval: float = INTERVAL) -> None:
-    """Record the loop's lag, in seconds, every ``interval`` seconds until cancelled."""
+async def watch(record: Callable[[float, float], object], interval: float = INTERVAL) -> None:
+    """Every ``interval`` seconds until cancelled, call ``record(lag, cpu)``: how late (in
+    seconds) the loop ran the timer, and the share of one core the process used since the
+    previous call."""
     loop = asyncio.get_running_loop()
+    started, used = loop.time(), time.process_time()
     while True:
-        due = loop.time() + interval
+        due = started + interval
         await asyncio.sleep(interval)
-        record(max(0.0, loop.time() - due))
+        now, cpu = loop.time(), time.process_time()
+        record(max(0.0, now - due), (cpu - used) / max(now - started, 1e-6))
+        started, used = now, cpu

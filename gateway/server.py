@@ -36,6 +36,7 @@ from gateway.admission import Admission
 from gateway.auth import Authenticator, AuthError, Identity, bearer_token
 from gateway.backlog import Backlog
 from gateway.backplane import BackplaneUnavailable, create_backplane
+from gateway.coalescing import Coalescing, Mode
 from gateway.control import Control
 from gateway.history import ReadLimit
 from gateway.hub import Hub
@@ -107,8 +108,9 @@ class Gateway:
             functools.partial(create_backplane, settings),
             self.stats,
             self.telemetry,
-            coalesce=settings.coalesce,
-            window=settings.coalesce_window,
+            coalescing=Coalescing(
+                Mode(settings.coalesce), settings.coalesce_window, settings.coalesce_busy
+            ),
             max_batch_bytes=settings.write_limit,
             read_limit=ReadLimit(settings.replay_max_messages, settings.replay_max_bytes),
             max_envelope_bytes=settings.max_envelope_bytes,
@@ -238,9 +240,7 @@ class Gateway:
             backlog=LISTEN_BACKLOG,
         )
         self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
-        self._tasks.append(
-            asyncio.create_task(lag.watch(self.telemetry.loop_lag.record), name="lag")
-        )
+        self._tasks.append(asyncio.create_task(lag.watch(self._observe_load), name="load"))
         self._tasks.append(asyncio.create_task(self.control.serve(), name="control"))
         self._tasks.append(
             asyncio.create_task(
@@ -250,6 +250,11 @@ class Gateway:
         )
         if self.presence.policy.patterns:
             self._tasks.append(asyncio.create_task(self.presence.serve(), name="presence"))
+
+    def _observe_load(self, lag_seconds: float, cpu: float) -> None:
+        self.telemetry.loop_lag.record(lag_seconds)
+        stats = self.stats
+        self.hub.coalescing.observe(cpu, lag_seconds, lag.INTERVAL, stats.fanout, stats.writes)
 
     def _log_capacity(self) -> None:
         s = self.settings

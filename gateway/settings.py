@@ -103,19 +103,30 @@ class Settings(BaseSettings):
         description="transport write buffer, bytes, above which a client counts as congested and "
         "its messages wait in its queue",
     )
+    coalesce: Literal["adaptive", "window", "off"] = Field(
+        "adaptive",
+        description="how a channel's messages are batched into one write per client: adaptive "
+        "holds them (up to coalesce_window) only while the replica uses more than "
+        "coalesce_busy of its core, as much as keeps it there; window always holds them "
+        "coalesce_window after the channel's last write; off writes every message on its "
+        "own (the most CPU). What arrives together (one Redis read) goes out together in all "
+        "but off (docs/performance.md)",
+    )
     coalesce_window: float = Field(
         0.02,
         ge=0,
         le=1,
-        description="seconds: a channel's messages arriving within this long after its last "
-        "write wait and go out together, one write per client (the first after a quiet spell "
-        "goes at once, so a channel at most 1/window messages a second is never held); 0: "
-        "only what arrives together is written together",
+        description="seconds: the longest a channel's messages wait after its last write "
+        "(adaptive), or the fixed wait (window); the first message after a quiet spell goes at "
+        "once, so a channel at most 1/window messages a second is never held",
     )
-    coalesce: bool = Field(
-        True,
-        description="write a channel's messages that arrive together in one write per client; "
-        "false writes every message on its own (one write per delivery, for comparison)",
+    coalesce_busy: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="share of one core the replica may use before adaptive coalescing holds "
+        "messages: lower trades latency under load for less CPU per delivery; 1 holds them "
+        "only when the core is saturated",
     )
     send_buffer: int | None = Field(
         None,
@@ -332,6 +343,17 @@ class Settings(BaseSettings):
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("coalesce", mode="before")
+    @classmethod
+    def _coalesce_was_a_switch(cls, value: Any) -> Any:
+        """``GATEWAY_COALESCE`` was true or false before it had modes: keep their meaning."""
+        if isinstance(value, bool):
+            return "adaptive" if value else "off"
+        if isinstance(value, str):
+            value = value.lower()
+            return {"true": "adaptive", "false": "off"}.get(value, value)
+        return value
 
     @field_validator("redis_url")
     @classmethod

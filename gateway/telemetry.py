@@ -206,6 +206,9 @@ class Telemetry:
             (gauge, "queue.bytes", one(lambda: sum(s.outbox.bytes for s in list(sessions)
                                                    if s.outbox is not None)),
              "By", "bytes queued for all clients of the replica"),
+            (gauge, "coalescing.window", one(lambda: replica.hub.coalescing.window), "s",
+             "how long a channel's messages may wait after its last write to go out together, "
+             "now: 0 while the replica has CPU to spare (adaptive), the fixed window (window)"),
             (gauge, "backplane.connected", one(lambda: int(backplane.connected)), "1",
              "1 while the backplane is connected"),
             (gauge, "backplane.node.connected",

@@ -399,14 +399,29 @@ def test_no_exporter_means_no_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_the_loop_lag_is_what_a_blocked_loop_makes_a_timer_wait() -> None:
-    lags: list[float] = []
-    watcher = asyncio.create_task(lag.watch(lags.append, interval=0.02))
+    samples: list[tuple[float, float]] = []
+    watcher = asyncio.create_task(lag.watch(lambda *sample: samples.append(sample), 0.02))
     await asyncio.sleep(0.1)
     time.sleep(0.3)  # noqa: ASYNC251 - on purpose: a callback that keeps the loop 300 ms
     await asyncio.sleep(0.1)
     watcher.cancel()
+    lags = [lag for lag, _ in samples]
     assert max(lags) >= 0.25  # the one due during the block ran that late
     assert sorted(lags)[len(lags) // 2] < 0.02  # the others, on time
+
+
+async def test_the_cpu_share_is_what_the_process_used_between_samples() -> None:
+    samples: list[tuple[float, float]] = []
+    watcher = asyncio.create_task(lag.watch(lambda *sample: samples.append(sample), 0.05))
+    await asyncio.sleep(0.2)  # idle: the loop sleeps
+    idle = len(samples)
+    spin = time.monotonic() + 0.2
+    while time.monotonic() < spin:  # noqa: ASYNC110 - busy 200 ms, letting the sampler run
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.06)
+    watcher.cancel()
+    assert max(cpu for _, cpu in samples[1:idle]) < 0.2
+    assert max(cpu for _, cpu in samples[idle:]) > 0.5
 
 
 def test_a_stopped_replica_shows_its_loop_lag(gateway_factory: GatewayFactory) -> None:
