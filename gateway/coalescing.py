@@ -32,6 +32,8 @@ __all__ = ["Coalescing", "Mode"]
 
 #: Weight of the newest interval in the smoothed load: about the last half second counts.
 SMOOTHING = 0.3
+#: How much of the ceiling the window narrows by each interval while the load is on target.
+DRIFT = 0.005
 #: Intervals between two probes of writing through, while holding.
 PROBE_EVERY = 30
 
@@ -109,13 +111,15 @@ class Coalescing:
                 self._held = 0
                 self.window = min(self.ceiling, self.ceiling * (self._load - self.target))
             return self.window
-        # Steps in proportion to the distance from the target (a saturated core opens a
-        # 20 ms window fully in a few tenths of a second, a few points move it by a fraction
-        # of a millisecond), so that it settles rather than swings.
         if self._load < self.target / 2:  # far under: the load went, close within a second
             window = self.window / 2 if self.window > self.ceiling / 100 else 0.0
         else:
-            window = self.window + self.ceiling * (self._load - self.target)
+            # Steps in proportion to the distance from the target (a saturated core widens
+            # a 20 ms window by 5 ms an interval, a few points move it by a fraction of a
+            # millisecond), so that it settles rather than swings; and a slow drift down,
+            # because past some width holding longer saves little more CPU but still costs
+            # latency: the window settles at the narrowest that keeps the load at the target.
+            window = self.window + self.ceiling * ((self._load - self.target) / 2 - DRIFT)
         self.window = min(self.ceiling, max(0.0, window))
         self._held += 1
         # Had every delivery been its own write, the load would have been at most about this.
