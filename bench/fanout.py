@@ -140,16 +140,16 @@ def start_clients(url: str, subscribers: int, stalled: int) -> list[subprocess.P
 
 
 def connect_idle(
-    pid: int, url: str, subscribers: int, stalled: int = 0
+    pid: int, url: str, subscribers: int, stalled: int = 0, settle: float = 2.0
 ) -> tuple[list[subprocess.Popen[str]], float]:
     """Connect the subscribers; return their client processes and the server's RSS growth
-    per connection, in KiB, once they are all connected and idle."""
+    per connection, in KiB, once they are all connected and idle for ``settle`` seconds:
+    by default long enough for the gateway to take the handshakes' load as past, as a
+    replica that has not just had a connection storm would (its coalescing window closed)."""
     time.sleep(0.5)
     before = rss_kib(pid)
     clients = start_clients(url, subscribers, stalled)
-    # Long enough for the gateway to take the handshakes' load as past, as a replica that
-    # has not just had a connection storm would (its coalescing window closed again).
-    time.sleep(2.0)
+    time.sleep(settle)
     return clients, (rss_kib(pid) - before) / subscribers
 
 
@@ -171,12 +171,13 @@ def run(
     seconds: float,
     stalled: int,
     settings: dict[str, str] | None = None,
+    settle: float = 2.0,
 ) -> dict[str, Any]:
     port = free_port()
     server = start_server(design, port, redis_server.url, **(settings or {}))
     try:
         url = f"ws://127.0.0.1:{port}/ws?channels=bench"
-        clients, idle_kib = connect_idle(server.pid, url, subscribers, stalled)
+        clients, idle_kib = connect_idle(server.pid, url, subscribers, stalled, settle)
         publisher = redis.Redis.from_url(redis_server.url)
         for _ in range(100):
             if publisher.pubsub_numsub("ws:bench")[0][1] >= 1:
@@ -268,6 +269,8 @@ class Scenario:
     #: With stalled clients: runs without and with them, alternately, this many times each
     #: (p99 moves between identical runs; the medians of several pairs are what is compared).
     pairs: int = 1
+    #: Seconds between the last handshake and the first message (see connect_idle).
+    settle: float = 2.0
 
 
 def sweep(
@@ -287,7 +290,14 @@ def sweep(
                 if design in saturated:
                     continue
                 row = run(
-                    design, redis_server, scenario.subscribers, rate, seconds, stalled_now, settings
+                    design,
+                    redis_server,
+                    scenario.subscribers,
+                    rate,
+                    seconds,
+                    stalled_now,
+                    settings,
+                    scenario.settle,
                 )
                 row["scenario"] = scenario.name
                 row["sustained"] = sustained(row)

@@ -16,6 +16,10 @@ from typing import Any
 CPU_VS_GUIDE = 0.40
 #: RSS per idle connection at 10k connections, KiB: at most.
 IDLE_KIB = 10.0
+#: Issue 17's bound on the same, not met yet.
+IDLE_KIB_NEXT = 6.0
+#: Issues whose targets the recorded report may still miss (docs/performance.md says which).
+OPEN_ISSUES = frozenset({17})
 
 
 def pick(rows: list[dict[str, Any]], scenario: str, design: str, rate: float) -> dict[str, Any]:
@@ -53,24 +57,52 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and bool(r["stalled"]) == stalled
         )  # fmt: skip
 
+    def row(rate: float, design: str = "gateway") -> dict[str, Any]:
+        return pick(rows, "1k", design, rate)
+
+    def latency(rate: float, which: str) -> float:
+        return float(row(rate)[f"latency_{which}_ms"])
+
     found = [
-        ("CPU per delivery, 1k subscribers, 20 msg/s, gateway / guide",
+        (6, "CPU per delivery, 1k subscribers, 20 msg/s, gateway / guide",
          cpu("1k", "gateway", 20) / cpu("1k", "guide", 20), "<=", CPU_VS_GUIDE),
-        ("highest sustained deliveries/s (p99 < 250 ms), gateway / guide",
+        (6, "highest sustained deliveries/s (p99 < 250 ms), gateway / guide",
          best("gateway") / best("guide"), ">=", 3.0),
-        ("CPU per delivery, 1k subscribers, 200 msg/s, gateway / gateway-1write",
+        (6, "CPU per delivery, 1k subscribers, 200 msg/s, gateway / gateway-1write",
          cpu("1k", "gateway", 200) / cpu("1k", "gateway-1write", 200), "<=", 0.5),
-        ("RSS per idle connection (KiB), gateway, 10k connections",
+        (6, "RSS per idle connection (KiB), gateway, 10k connections",
          idle("gateway"), "<=", IDLE_KIB),
-        ("others' p99 with 5% stalled clients / without (medians of pairs), gateway",
+        (6, "others' p99 with 5% stalled clients / without (medians of pairs), gateway",
          p99(stalled=True) / p99(stalled=False), "<=", 1.10),
+        (17, "p50 latency (ms), 1k subscribers, 50 msg/s, gateway", latency(50, "p50"), "<=", 5),
+        (17, "p99 latency (ms), 1k subscribers, 50 msg/s, gateway", latency(50, "p99"), "<=", 20),
+        (17, "p50 latency (ms), 1k subscribers, 100 msg/s, gateway", latency(100, "p50"), "<=", 5),
+        (17, "p99 latency (ms), 1k subscribers, 100 msg/s, gateway", latency(100, "p99"), "<=",
+         20),
+        (17, "share delivered, 1k subscribers, 200 msg/s, gateway",
+         float(row(200)["delivered_share"]), ">=", 0.999),
+        (17, "p50 latency (ms), 1k subscribers, 200 msg/s, gateway", latency(200, "p50"), "<=",
+         10),
+        (17, "p99 latency (ms), 1k subscribers, 200 msg/s, gateway", latency(200, "p99"), "<=",
+         30),
+        (17, "CPU per delivery (µs), 1k subscribers, 200 msg/s, gateway", cpu("1k", "gateway", 200),
+         "<=", 3.0),
+        # Both write every message through at 20 msg/s; the bound is this VM's noise between
+        # identical runs.
+        (17, "CPU per delivery, 1k subscribers, 20 msg/s, gateway / gateway-window (before)",
+         cpu("1k", "gateway", 20) / cpu("1k", "gateway-window", 20), "<=", 1.10),
+        (17, "highest sustained deliveries/s (p99 < 250 ms), gateway", best("gateway"), ">=",
+         1_000_000),
+        (17, "RSS per idle connection (KiB), gateway, 10k connections", idle("gateway"), "<=",
+         IDLE_KIB_NEXT),
     ]  # fmt: skip
     return [
         {
+            "issue": issue,
             "target": name,
             "measured": round(value, 3),
             "bound": f"{op} {bound:g}",
             "met": value <= bound if op == "<=" else value >= bound,
         }
-        for name, value, op, bound in found
+        for issue, name, value, op, bound in found
     ]

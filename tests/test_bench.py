@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench.fanout import start_server
-from bench.regression import measure_ratio
-from bench.targets import CPU_VS_GUIDE, targets
+from bench.regression import LATENCY_200, P50_VS_WINDOW, measure_latency, measure_ratio
+from bench.targets import CPU_VS_GUIDE, OPEN_ISSUES, targets
 from tests.harness import (
     GatewayFactory,
     RedisServer,
@@ -71,7 +71,7 @@ def test_the_whole_benchmark_runs_quick_and_writes_its_report(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     designs = {(r["scenario"], r["design"]) for r in report["rows"]}
-    assert {("1k", "gateway"), ("1k", "gateway-1write"), ("1k", "guide")} <= designs
+    assert {("1k", d) for d in ("gateway", "gateway-window", "gateway-1write", "guide")} <= designs
     assert {("10k", "gateway"), ("10k", "guide"), ("1k-stalled", "gateway")} <= designs
     for row in report["rows"]:
         if row["design"] != "guide":  # which falls behind at 500/s on a slow or loaded machine
@@ -84,18 +84,23 @@ def test_the_whole_benchmark_runs_quick_and_writes_its_report(tmp_path: Path) ->
             assert row["cpu_us_per_delivery"] > 0, row
     # The targets are computed from these rows, each with its verdict.
     assert report["targets"] == targets(report["rows"])
-    assert len(report["targets"]) == 5
+    assert len(report["targets"]) == 16
     assert "## Targets" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "fanout.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_recorded_benchmark_meets_every_documented_target() -> None:
     """bench/results/report.json is what docs/performance.md reports: each target's verdict is
-    the one its rows give against today's bound, and every target is met."""
+    the one its rows give against today's bound, and every target is met but those of an issue
+    still open, which docs/performance.md lists as missed."""
     report = json.loads((Path(__file__).parent.parent / "bench/results/report.json").read_text())
     recomputed = targets(report["rows"])
     assert report["targets"] == recomputed
-    assert [t["target"] for t in recomputed if not t["met"]] == []
+    missed = [t for t in recomputed if not t["met"]]
+    assert [t["target"] for t in missed if t["issue"] not in OPEN_ISSUES] == []
+    performance = (Path(__file__).parent.parent / "docs/performance.md").read_text()
+    for target in missed:
+        assert f"missed: {target['target']}" in performance
 
 
 def test_a_target_missed_is_reported_as_missed() -> None:
@@ -108,8 +113,10 @@ def test_a_target_missed_is_reported_as_missed() -> None:
             )
             row["cpu_us_per_delivery"] = guide["cpu_us_per_delivery"]
     verdicts = {t["target"]: t["met"] for t in targets(rows)}
-    assert verdicts["CPU per delivery, 1k subscribers, 20 msg/s, gateway / guide"] is False
-    assert sum(verdicts.values()) == len(verdicts) - 1
+    recorded = {t["target"]: t["met"] for t in report["targets"]}
+    changed = [name for name in verdicts if verdicts[name] != recorded[name]]
+    assert changed == ["CPU per delivery, 1k subscribers, 20 msg/s, gateway / guide"]
+    assert recorded[changed[0]] is True
 
 
 @pytest.mark.timeout(400)  # 90 s on an idle 2-core machine, twice that with a core busy
@@ -119,3 +126,15 @@ def test_cpu_per_delivery_against_the_guide_meets_the_documented_bound() -> None
     (about 90 s): 6,000 connections and 36 s of publishing."""
     measured = measure_ratio()
     assert measured["ratio"] <= CPU_VS_GUIDE, measured
+
+
+@pytest.mark.timeout(400)  # about 90 s on an idle 2-core machine
+def test_latency_at_200_msgs_a_second_meets_a_generous_bound() -> None:
+    """Issue 17's latency where the replica has no headroom (1k subscribers, 200 msg/s):
+    every message delivered, p50 and p99 within twice the targets, and p50 well under that of
+    the fixed 20 ms window measured beside it; the median of three pairs."""
+    measured = measure_latency()
+    p50, p99 = LATENCY_200
+    assert measured["delivered_share"] == 1.0, measured
+    assert measured["p50_ms"] <= p50 and measured["p99_ms"] <= p99, measured
+    assert measured["p50_vs_window"] <= P50_VS_WINDOW, measured
