@@ -25,7 +25,6 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import SpanKind, StatusCode, TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 from websockets.typing import Origin
@@ -62,7 +61,7 @@ from gateway.protocol import (
     reply,
     subscribed,
 )
-from gateway.session import Limits, Session, SessionConnection
+from gateway.session import INBOX, Limits, Session, SessionConnection
 from gateway.settings import Settings
 from gateway.stats import Stats
 from gateway.telemetry import Telemetry
@@ -77,7 +76,6 @@ log = logging.getLogger("gateway")
 
 WS_PATH = "/ws"
 #: Received frames a connection may have waiting for its request loop.
-INBOUND_FRAMES = 4
 #: Completed connections waiting to be accepted.
 LISTEN_BACKLOG = 4096
 
@@ -176,6 +174,8 @@ class Gateway:
         self._all_closed = asyncio.Event()
         self._stop_draining = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Tasks letting go of what closed sessions held.
+        self._endings: set[asyncio.Task[None]] = set()
         self._refusals = Throttle()
         self.demo_page = settings.demo_page == "on" or (
             settings.demo_page == "auto" and settings.redis_url is None
@@ -213,10 +213,16 @@ class Gateway:
                 "on_latency": self.telemetry.keepalive_rtt.record,
                 "admission": self.admission,
                 "on_refused": self._count_refusal,
+                "check_request": self._process_request,
+                "check_response": self._process_response,
+                "open_timeout": s.open_timeout,
+                "open_session": self._open_session,
+                "on_message": self._received,
+                "on_closed": self._closed,
             },
         )
         self.server = await serve(
-            self._handle,
+            _never,  # SessionConnection runs the handshake and starts the session itself
             s.host,
             s.port,
             create_connection=connection_class,
@@ -227,7 +233,7 @@ class Gateway:
             max_size=s.max_message_size,
             # Frames received and not yet handled, beyond which the socket is not read: with
             # max_size, what a client can make the replica hold of what it sent.
-            max_queue=INBOUND_FRAMES,
+            max_queue=INBOX,
             ping_interval=None,  # one sweep pings every connection: see _sweep
             close_timeout=s.close_timeout,
             open_timeout=s.open_timeout,
@@ -396,40 +402,61 @@ class Gateway:
 
     # One client
 
-    async def _handle(self, connection: ServerConnection) -> None:
-        assert isinstance(connection, SessionConnection)
+    async def _open_session(self, connection: SessionConnection) -> None:
+        """Start the session of a connection whose handshake succeeded: its subscriptions
+        from the query string first, then its requests as they come."""
         identity, initial_channels = self._admitted.pop(connection)
         session = Session(connection, identity, self.stats, self.limits)
         self.users.add(session)
-        # Nothing of the handshake is needed any more, but the library keeps both objects
-        # (it tells the handshake from later frames by `request` being set): empty their
-        # headers, about 3 KiB a client.
-        for message in (connection.request, connection.response):
-            if message is not None:
-                message.headers.clear()
         self.sessions.add(session)
         self.stats.connections_opened += 1
         self.stats.connections_open += 1
+        connection.take_messages(session)
+        await self._serve(session, initial_channels)
+
+    def _received(self, session: Session, message: str | bytes) -> None:
+        if session.received(message):
+            session.worker = asyncio.create_task(self._serve(session))
+
+    async def _serve(self, session: Session, channels: tuple[str, ...] = ()) -> None:
+        """Serve a session's requests in order, until none is waiting (the task serving
+        them exists only while some are)."""
+        session.worker = asyncio.current_task()
+        connection = session.connection
         try:
-            for channel in initial_channels:
+            for channel in channels:
                 try:
                     await self._subscribe(session, channel, None)
                 except RequestError as exc:
                     session.send(error(exc))
-            while True:  # not `async for`: its async generator would cost ~0.5 KiB a client
-                text = await connection.recv()
+            while (message := session.next_request()) is not None:
                 if session.closing or connection.protocol.state is not OPEN:
-                    # Keep reading so the closing handshake can finish; a client that is
-                    # leaving (or gone) does not get what it asked for before it left.
+                    # A client that is leaving (or gone) does not get what it asked for
+                    # before it left.
                     continue
-                if isinstance(text, bytes):
+                if isinstance(message, bytes):
                     session.close(Close.BINARY_NOT_ACCEPTED, "binary frames are not accepted")
                     continue
-                await self._serve_request(session, text)
-        except ConnectionClosed:
-            pass
+                await self._serve_request(session, message)
+        except Exception:
+            log.exception("serving connection %s failed", connection.id)
+            session.close(Close.INTERNAL_ERROR, "internal error")
         finally:
+            session.worker = None
+
+    def _closed(self, session: Session) -> None:
+        task = asyncio.create_task(self._end(session))
+        self._endings.add(task)
+        task.add_done_callback(self._endings.discard)
+
+    async def _end(self, session: Session) -> None:
+        """Everything a closed session held, let go (after the request it was being served,
+        which may have been a subscription)."""
+        try:
+            if session.worker is not None:
+                await asyncio.wait([session.worker])
             await self.hub.leave(session)
+        finally:
             self.sessions.discard(session)
             self.congested.discard(session)
             if not self.sessions:
@@ -768,6 +795,10 @@ _CLOSE_REASONS: dict[int, str] = {
     Close.TOKEN_EXPIRED: "auth",
     Close.BINARY_NOT_ACCEPTED: "protocol",
 }
+
+
+async def _never(connection: ServerConnection) -> None:
+    raise AssertionError("SessionConnection starts its session itself")
 
 
 def _close_reason(code: int) -> str:

@@ -33,13 +33,15 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import InvalidMessage
-from websockets.frames import Frame
+from websockets.frames import DATA_OPCODES, TEXT, CloseCode, Frame
+from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING, OPEN, State
 
 from gateway.access import Access
@@ -54,9 +56,15 @@ if TYPE_CHECKING:
     from gateway.auth import Identity
     from gateway.stats import Stats
 
-__all__ = ["Limits", "Session", "SessionConnection"]
+__all__ = ["INBOX", "Limits", "Session", "SessionConnection"]
 
 log = logging.getLogger("gateway.session")
+
+#: Requests received from a client and not yet served, beyond which its socket is not read:
+#: with max_size, what a client can make the replica hold of what it sent.
+INBOX = 4
+#: Frames one fragmented message may have (the library's own bound).
+MAX_FRAGMENTS = 4096
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 #: Inbound data is handed to the protocol this much at a time, so a flood of tiny frames in
@@ -112,6 +120,29 @@ _HEADERS_TOO_LARGE = _plain_response(
     "431 Request Header Fields Too Large", "request headers too large\n"
 )
 _NOT_HTTP = _plain_response("400 Bad Request", "not a valid HTTP request\n")
+#: Every connection's logger: the library gives each its own adapter (about 0.4 KiB), only
+#: to name the connection in its debug lines.
+_LIBRARY_LOG = logging.getLogger("websockets.server")
+
+
+class _NoFrames:
+    """Stands in for the library's queue of inbound frames (an object and a deque, about
+    0.9 KiB a client) once the session takes each message as it arrives: shared, holds
+    nothing."""
+
+    paused = False
+
+    def close(self) -> None:
+        pass
+
+    def put(self, frame: Frame) -> None:
+        raise AssertionError("frames go to the session")
+
+
+_NO_FRAMES: Any = _NoFrames()
+#: What the library keeps as the handshake request once the session has started: it tells
+#: the handshake from later frames by one being set, and nothing else reads it.
+_OPENED = Request("/", cast(Any, None))
 
 
 class SessionConnection(ServerConnection):
@@ -132,6 +163,20 @@ class SessionConnection(ServerConnection):
     refused = False
     #: True once a request that is not valid HTTP was answered 400 (set on the instance).
     answered_not_http = False
+    #: The replica's side of the opening handshake: what the library's serve() would pass.
+    check_request: Callable[[ServerConnection, Request], Response | None] | None = None
+    check_response: Callable[[ServerConnection, Request, Response], Response | None] | None = None
+    open_timeout: float = 10.0
+    #: The replica starts the session of a connection whose handshake succeeded.
+    open_session: Callable[[SessionConnection], Awaitable[None]] | None = None
+    #: Each whole message the client sends (text decoded), handed to the replica.
+    on_message: Callable[[Session, str | bytes], None] | None = None
+    #: Called once the connection of a session is closed.
+    on_closed: Callable[[Session], None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocol.logger = self.logger = _LIBRARY_LOG
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         admission = self.admission
@@ -146,7 +191,12 @@ class SessionConnection(ServerConnection):
                 evicted.abort()
                 if self.on_refused is not None:
                     self.on_refused("handshakes")
-        super().connection_made(transport)
+        # Not ServerConnection's, which starts a task that lives as long as the connection
+        # (with the request loop's coroutines, about 1.6 KiB a client): this task ends with
+        # the handshake, and the session then takes messages as they arrive.
+        Connection.connection_made(self, transport)
+        task = self.loop.create_task(self._open())
+        self.server.handler_tasks.add(task)
         if self.send_buffer is not None:
             sock = transport.get_extra_info("socket")
             if sock is not None:
@@ -157,6 +207,78 @@ class SessionConnection(ServerConnection):
         # The library only appends to, iterates and removes from its drain waiters, which a
         # list does too, in 56 bytes instead of an empty deque's 600 (for every client).
         self.drain_waiters = cast("collections.deque[asyncio.Future[None]]", [])
+
+    async def _open(self) -> None:
+        """The opening handshake, then the session's start (what the library's serve() does,
+        without then waiting in a handler for as long as the connection lasts)."""
+        try:
+            async with asyncio.timeout(self.open_timeout):
+                await self.handshake(self.check_request, self.check_response, "wsgateway")
+            if self.protocol.state is not OPEN:
+                self.transport.abort()
+                return
+            assert self.open_session is not None
+            await self.open_session(self)
+        except Exception:
+            self.transport.abort()
+        finally:
+            self.server.handler_tasks.discard(cast("asyncio.Task[None]", asyncio.current_task()))
+
+    def take_messages(self, session: Session) -> None:
+        """From now on hand ``session`` each message as it arrives; the frames that came
+        during the handshake first. Then forget what only the handshake needed."""
+        session.reading = True
+        frames = self.recv_messages
+        if frames is not _NO_FRAMES:
+            self.recv_messages = _NO_FRAMES
+            for frame in frames.frames.queue:
+                self._message_part(session, frame)
+        for message in (self.request, self.response):
+            if message is not None:
+                message.headers.clear()
+        self.request, self.response = _OPENED, None
+        self.request_rcvd = cast("asyncio.Future[None]", None)
+
+    def _message_part(self, session: Session, frame: Frame) -> None:
+        """Assemble the client's messages from data frames (fragments are rare: clients
+        send each message as one frame)."""
+        parts = session.fragments
+        if parts is None:
+            if frame.fin:
+                self._message(session, frame.opcode is TEXT, frame.data)
+                return
+            session.fragments = (frame.opcode is TEXT, [bytes(frame.data)])
+            return
+        text, data = parts
+        data.append(bytes(frame.data))
+        if len(data) > MAX_FRAGMENTS:
+            session.fragments = None
+            self._fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+        elif frame.fin:
+            session.fragments = None
+            self._message(session, text, b"".join(data))
+
+    def _message(self, session: Session, text: bool, data: bytes | bytearray | memoryview) -> None:
+        message: str | bytes
+        if text:
+            try:
+                message = bytes(data).decode()
+            except UnicodeDecodeError as exc:
+                self._fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        else:
+            message = bytes(data)
+        assert self.on_message is not None
+        self.on_message(session, message)
+
+    def _fail(self, code: CloseCode, reason: str) -> None:
+        """Close as the library does when a message is not acceptable (counted as its)."""
+        if self.protocol.state is not OPEN:
+            return
+        self.protocol.fail(code, reason)
+        self.send_data()
+        if self.close_deadline is None and self.close_timeout is not None:
+            self.close_deadline = self.loop.time() + self.close_timeout
 
     def _reject(self, transport: asyncio.Transport, response: bytes, reason: str) -> None:
         transport.write(response)
@@ -202,6 +324,9 @@ class SessionConnection(ServerConnection):
         session = self.session
         if session is not None and isinstance(event, Frame):
             session.count_frame()  # while closing too: a flood then is no answer to our close
+            if event.opcode in DATA_OPCODES and session.reading:
+                self._message_part(session, event)
+                return
         super().process_event(event)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -209,15 +334,19 @@ class SessionConnection(ServerConnection):
             return  # never started: nothing to undo
         if self.admission is not None:
             self.admission.left(self)
-        if self.session is not None:
-            self.session.direct = None
+        session = self.session
+        if session is not None:
+            session.direct = None
         super().connection_lost(exc)
         # Break the reference cycles a connection is left in, so that it is freed as soon as
         # the last reference goes rather than by a full garbage collection: under connection
         # churn those take 100 ms and more, every client waiting.
-        self.recv_messages.resume = _nothing
+        if self.recv_messages is not _NO_FRAMES:
+            self.recv_messages.resume = _nothing
         for failure in (self.protocol.handshake_exc, self.protocol.parser_exc):
             _drop_tracebacks(failure)
+        if session is not None and self.on_closed is not None:
+            self.on_closed(session)
 
     def acknowledge_pings(self, data: bytes) -> None:
         session = self.session
@@ -231,7 +360,9 @@ class SessionConnection(ServerConnection):
 
     def _resume_reading(self) -> None:
         if not self.paused and not self.recv_messages.paused and not self.deaf:
-            self.transport.resume_reading()
+            session = self.session
+            if session is None or len(session.inbox or ()) < INBOX:
+                self.transport.resume_reading()
 
     def send_data(self) -> None:
         protocol = self.protocol
@@ -286,13 +417,17 @@ class Session:
         "connection",
         "deaf",
         "direct",
+        "fragments",
+        "inbox",
         "info",
         "limits",
         "outbox",
         "ping_due",
         "ping_sent",
+        "reading",
         "stats",
         "subject",
+        "worker",
     )
 
     def __init__(
@@ -331,7 +466,39 @@ class Session:
         self._expiry_handle: asyncio.TimerHandle | None = None
         self._more: asyncio.Handle | None = None  # the rest of a flush, on the next turn
         self._expire_at(identity.expires_at)
+        #: Whether its connection hands it messages as they arrive (see take_messages).
+        self.reading = False
+        #: Requests received and not yet served, oldest first (None while there are none),
+        #: and the task serving them, which exists only while there are.
+        self.inbox: collections.deque[str | bytes] | None = None
+        self.worker: asyncio.Task[None] | None = None
+        #: A fragmented message being received: whether it is text, and its parts so far.
+        self.fragments: tuple[bool, list[bytes]] | None = None
         connection.session = self
+
+    def received(self, message: str | bytes) -> bool:
+        """Queue a request; return whether it is the first waiting (nobody serves them yet).
+
+        Beyond :data:`INBOX` waiting, the socket is not read until they are served.
+        """
+        inbox = self.inbox
+        if inbox is None:
+            inbox = self.inbox = collections.deque()
+        inbox.append(message)
+        if len(inbox) >= INBOX:
+            self.connection.transport.pause_reading()
+        return self.worker is None
+
+    def next_request(self) -> str | bytes | None:
+        """The oldest request waiting, or None (and the inbox is gone) when there is none."""
+        inbox = self.inbox
+        if not inbox:
+            self.inbox = None
+            return None
+        message = inbox.popleft()
+        if len(inbox) == INBOX - 1:
+            self.connection._resume_reading()
+        return message
 
     def _expire_at(self, expires_at: float | None) -> None:
         """Close with 4001 at ``expires_at`` (the token's exp, unix time), if any."""
@@ -475,7 +642,12 @@ class Session:
             log.debug("write to %s failed: %s", connection.id, exc)
 
     def keepalive(self, now: float) -> None:
-        """Ping when due; close 1011 when the last ping's pong is ``ping_timeout`` late."""
+        """Ping when due; close 1011 when the last ping's pong is ``ping_timeout`` late; reset
+        a connection whose closing handshake the client has not finished in time."""
+        deadline = self.connection.close_deadline
+        if deadline is not None and now >= deadline and self._abort_handle is None:
+            self.abort()  # the library closed it (1007, 1009...), or the client: no answer
+            return
         sent = self.ping_sent
         if sent is not None:
             if now - sent >= self.limits.ping_timeout and self.close_code is None:
