@@ -61,7 +61,7 @@ from gateway.protocol import (
     reply,
     subscribed,
 )
-from gateway.session import INBOX, Limits, Session, SessionConnection
+from gateway.session import INBOX, Limits, Session, SessionConnection, Unacceptable
 from gateway.settings import Settings
 from gateway.stats import Stats
 from gateway.telemetry import Telemetry
@@ -414,7 +414,7 @@ class Gateway:
         connection.take_messages(session)
         await self._serve(session, initial_channels)
 
-    def _received(self, session: Session, message: str | bytes) -> None:
+    def _received(self, session: Session, message: str | bytes | Unacceptable) -> None:
         if session.received(message):
             session.worker = asyncio.create_task(self._serve(session))
 
@@ -437,6 +437,9 @@ class Gateway:
                 if isinstance(message, bytes):
                     session.close(Close.BINARY_NOT_ACCEPTED, "binary frames are not accepted")
                     continue
+                if isinstance(message, Unacceptable):
+                    connection.fail(message.code, message.reason)
+                    continue
                 await self._serve_request(session, message)
         except Exception:
             log.exception("serving connection %s failed", connection.id)
@@ -456,6 +459,8 @@ class Gateway:
             if session.worker is not None:
                 await asyncio.wait([session.worker])
             await self.hub.leave(session)
+        except Exception:
+            log.exception("letting go of connection %s failed", session.connection.id)
         finally:
             self.sessions.discard(session)
             self.congested.discard(session)
@@ -711,6 +716,8 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1):
                     await self.server.wait_closed()
+                    if self._endings:  # what the last closed sessions held, let go
+                        await asyncio.wait(list(self._endings))
         await self.hub.backplane.close()
         self.telemetry.shutdown()
         log.info("stopped")

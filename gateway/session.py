@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from gateway.auth import Identity
     from gateway.stats import Stats
 
-__all__ = ["INBOX", "Limits", "Session", "SessionConnection"]
+__all__ = ["INBOX", "Limits", "Session", "SessionConnection", "Unacceptable"]
 
 log = logging.getLogger("gateway.session")
 
@@ -76,6 +76,15 @@ _FLUSH_BYTES = 256 * 1024
 _FLOOD_GRACE = 1.0
 _PING = struct.Struct("!d")  # a keepalive ping carries the loop time it was sent at
 _eviction_log = Throttle()
+
+
+@dataclass(frozen=True, slots=True)
+class Unacceptable:
+    """A message the connection is to be failed for (the library's close code and reason),
+    in its place among the requests: those sent before it are served first."""
+
+    code: CloseCode
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +179,7 @@ class SessionConnection(ServerConnection):
     #: The replica starts the session of a connection whose handshake succeeded.
     open_session: Callable[[SessionConnection], Awaitable[None]] | None = None
     #: Each whole message the client sends (text decoded), handed to the replica.
-    on_message: Callable[[Session, str | bytes], None] | None = None
+    on_message: Callable[[Session, str | bytes | Unacceptable], None] | None = None
     #: Called once the connection of a session is closed.
     on_closed: Callable[[Session], None] | None = None
 
@@ -253,25 +262,27 @@ class SessionConnection(ServerConnection):
         data.append(bytes(frame.data))
         if len(data) > MAX_FRAGMENTS:
             session.fragments = None
-            self._fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+            assert self.on_message is not None
+            self.on_message(session, Unacceptable(CloseCode.MESSAGE_TOO_BIG, "too many fragments"))
         elif frame.fin:
             session.fragments = None
             self._message(session, text, b"".join(data))
 
     def _message(self, session: Session, text: bool, data: bytes | bytearray | memoryview) -> None:
-        message: str | bytes
+        message: str | bytes | Unacceptable
         if text:
             try:
                 message = bytes(data).decode()
             except UnicodeDecodeError as exc:
-                self._fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-                return
+                message = Unacceptable(
+                    CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}"
+                )
         else:
             message = bytes(data)
         assert self.on_message is not None
         self.on_message(session, message)
 
-    def _fail(self, code: CloseCode, reason: str) -> None:
+    def fail(self, code: CloseCode, reason: str) -> None:
         """Close as the library does when a message is not acceptable (counted as its)."""
         if self.protocol.state is not OPEN:
             return
@@ -470,13 +481,13 @@ class Session:
         self.reading = False
         #: Requests received and not yet served, oldest first (None while there are none),
         #: and the task serving them, which exists only while there are.
-        self.inbox: collections.deque[str | bytes] | None = None
+        self.inbox: collections.deque[str | bytes | Unacceptable] | None = None
         self.worker: asyncio.Task[None] | None = None
         #: A fragmented message being received: whether it is text, and its parts so far.
         self.fragments: tuple[bool, list[bytes]] | None = None
         connection.session = self
 
-    def received(self, message: str | bytes) -> bool:
+    def received(self, message: str | bytes | Unacceptable) -> bool:
         """Queue a request; return whether it is the first waiting (nobody serves them yet).
 
         Beyond :data:`INBOX` waiting, the socket is not read until they are served.
@@ -489,7 +500,7 @@ class Session:
             self.connection.transport.pause_reading()
         return self.worker is None
 
-    def next_request(self) -> str | bytes | None:
+    def next_request(self) -> str | bytes | Unacceptable | None:
         """The oldest request waiting, or None (and the inbox is gone) when there is none."""
         inbox = self.inbox
         if not inbox:
@@ -733,6 +744,7 @@ class Session:
                 handle.cancel()
         self._abort_handle = self._expiry_handle = self._more = None
         self.direct = None
+        self.inbox = self.fragments = None
         if self.outbox is not None:
             self.outbox.clear()
         self.connection.session = None

@@ -84,7 +84,7 @@ def test_the_whole_benchmark_runs_quick_and_writes_its_report(tmp_path: Path) ->
             assert row["cpu_us_per_delivery"] > 0, row
     # The targets are computed from these rows, each with its verdict.
     assert report["targets"] == targets(report["rows"])
-    assert len(report["targets"]) == 16
+    assert len(report["targets"]) == 15
     assert "## Targets" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "fanout.png").read_bytes().startswith(b"\x89PNG")
 

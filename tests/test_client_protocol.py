@@ -143,6 +143,48 @@ def test_a_text_frame_that_is_not_utf8_closes_with_1007(memory_gateway: GatewayP
     )
 
 
+async def test_a_request_sent_in_fragments_is_served(memory_gateway: GatewayProcess) -> None:
+    """A message may come in several frames (RFC 6455 5.4): the replica serves it whole."""
+    async with client(memory_gateway.ws_url) as ws:
+        await ws.send(['{"op":"ping",', '"id":', "7}"])
+        assert await recv_json(ws) == {"op": "pong", "id": 7}
+        # Text beyond ASCII, decoded whole: the channel name is refused, not the frame.
+        await ws.send(['{"op":"unsubscribe","channel":"\u00e9', '\u00e8","id":8}'])
+        reply = await recv_json(ws)
+        assert (reply["op"], reply["code"], reply["id"]) == ("error", "bad_request", 8)
+
+
+def test_utf8_split_between_fragments_is_checked_whole(memory_gateway: GatewayProcess) -> None:
+    """A character cut in two by a fragment boundary is valid; an invalid sequence in any
+    fragment closes with 1007, as in one frame."""
+    raw = RawClient(memory_gateway.ws_url)
+    try:
+        text = '{"op":"unsubscribe","channel":"é","id":3}'.encode()
+        cut = text.index(b"\xc3") + 1
+        raw.protocol.send_text(text[:cut], fin=False)
+        raw.protocol.send_continuation(text[cut:], fin=True)
+        raw.protocol.send_text(b'{"op":"ping",', fin=False)
+        raw.protocol.send_continuation(b'"id":"\xff"}', fin=True)
+        raw.sock.sendall(b"".join(raw.protocol.data_to_send()))
+        frames = raw.read_frames(timeout=5)
+    finally:
+        raw.close()
+    assert [f.opcode for f in frames] == [Opcode.TEXT, Opcode.CLOSE]
+    reply = json.loads(bytes(frames[0].data))
+    assert (reply["op"], reply["id"]) == ("error", 3)  # decoded and parsed: not 1007
+    assert Close.parse(frames[1].data).code == 1007
+
+
+async def test_a_binary_message_in_fragments_closes_with_1003(
+    memory_gateway: GatewayProcess,
+) -> None:
+    async with client(memory_gateway.ws_url) as ws:
+        await ws.send([b"\x00", b"\x01"])
+        with pytest.raises(ConnectionClosed):
+            await recv_json(ws)
+        assert ws.close_code == 1003
+
+
 async def test_unsubscribing_from_a_channel_never_subscribed_is_answered_unsubscribed(
     memory_gateway: GatewayProcess,
 ) -> None:
