@@ -22,15 +22,16 @@ STYLE = {
 
 def chart(result: dict[str, Any], path: Path) -> None:
     figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12, 4.8))
-    series: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    # One line per design and scenario (the stalled clients' scenario is one rate, paired).
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in result["rows"]:
-        if row["stalled"] == 0:
-            series.setdefault((row["design"], row["subscribers"]), []).append(row)
-    for (design, subscribers), rows in sorted(series.items()):
+        if row["stalled"] == 0 and row["scenario"] != "1k-stalled":
+            series.setdefault((row["design"], row["scenario"]), []).append(row)
+    for (design, scenario), rows in sorted(series.items()):
         rows.sort(key=lambda r: r["deliveries_per_second"])
         x = [r["deliveries_per_second"] for r in rows]
-        marker = "o" if subscribers <= 1000 else "s"
-        label = f"{design}, {subscribers} subscribers"
+        marker = "o" if rows[0]["subscribers"] <= 1000 else "s"
+        label = f"{design}, {scenario} ({rows[0]['subscribers']} subscribers)"
         color = STYLE.get(design, "tab:gray")
         latency.plot(x, [r["latency_p99_ms"] or 0 for r in rows], marker=marker, color=color,
                      label=label)  # fmt: skip

@@ -66,8 +66,10 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
          cpu("1k", "gateway", 20) / cpu("1k", "guide", 20), "<=", CPU_VS_GUIDE),
         (6, "highest sustained deliveries/s (p99 < 250 ms), gateway / guide",
          best("gateway") / best("guide"), ">=", 3.0),
-        (6, "CPU per delivery, 1k subscribers, 200 msg/s, gateway / gateway-1write",
-         cpu("1k", "gateway", 200) / cpu("1k", "gateway-1write", 200), "<=", 0.5),
+        # Issue 6's coalescing was the fixed window, now GATEWAY_COALESCE=window (the
+        # cheapest CPU); the default's own CPU at 200 msg/s is issue 17's target below.
+        (6, "CPU per delivery, 1k subscribers, 200 msg/s, gateway-window / gateway-1write",
+         cpu("1k", "gateway-window", 200) / cpu("1k", "gateway-1write", 200), "<=", 0.5),
         (6, "others' p99 with 5% stalled clients / without (medians of pairs), gateway",
          p99(stalled=True) / p99(stalled=False), "<=", 1.10),
         (17, "p50 latency (ms), 1k subscribers, 50 msg/s, gateway", latency(50, "p50"), "<=", 5),

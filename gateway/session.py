@@ -155,7 +155,9 @@ _OPENED = Request("/", cast(Any, None))
 
 
 class SessionConnection(ServerConnection):
-    """The websockets connection, telling its session when the transport fills and drains."""
+    """The websockets connection: it runs the opening handshake in a task that ends with it,
+    then hands its session each message as it arrives, and tells it when the transport fills
+    and drains. No task waits on an idle connection."""
 
     session: Session | None = None
     #: SO_SNDBUF for client sockets; None leaves the kernel's autotuning.
