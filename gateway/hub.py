@@ -28,7 +28,7 @@ import math
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
@@ -210,7 +210,7 @@ Shared = dict[Session, list[tuple[Sequence[Outbound], bytes]]]
 
 
 def _deliver(
-    members: dict[Session, None],
+    members: Iterable[Session],
     batch: Sequence[Outbound],
     frame: bytes,
     shared: Shared | None = None,
@@ -222,24 +222,11 @@ def _deliver(
     one call for a client that can take the frame straight away.
     """
     writes = 0
-    remaining = iter(members)
+    remaining = iter(members) if shared is None else _unshared(members, batch, frame, shared)
     while True:
         session = None
         try:
-            if shared is None:
-                for session in remaining:
-                    write = session.direct
-                    if write is None:
-                        session.deliver(batch, frame)
-                    else:
-                        write(frame)
-                        writes += 1
-                return writes
             for session in remaining:
-                later = shared.get(session)
-                if later is not None:
-                    later.append((batch, frame))
-                    continue
                 write = session.direct
                 if write is None:
                     session.deliver(batch, frame)
@@ -251,6 +238,18 @@ def _deliver(
             if session is not None:
                 session.direct = None
             log.debug("write failed: %s", exc)
+
+
+def _unshared(
+    members: Iterable[Session], batch: Sequence[Outbound], frame: bytes, shared: Shared
+) -> Iterator[Session]:
+    """The members not in ``shared``; those in it get ``batch`` kept for their one write."""
+    for session in members:
+        later = shared.get(session)
+        if later is None:
+            yield session
+        else:
+            later.append((batch, frame))
 
 
 class Hub:
