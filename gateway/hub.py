@@ -419,6 +419,7 @@ class Hub:
         if len(due) == 1:
             self._write(due[0])
             return
+        # iter(): Counter.update counts a mapping's values, and members map to None.
         counts: Counter[Session] = Counter()
         for local in due:
             if local.batch:

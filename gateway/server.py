@@ -75,7 +75,6 @@ __all__ = ["Gateway"]
 log = logging.getLogger("gateway")
 
 WS_PATH = "/ws"
-#: Received frames a connection may have waiting for its request loop.
 #: Completed connections waiting to be accepted.
 LISTEN_BACKLOG = 4096
 

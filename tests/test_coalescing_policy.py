@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.coalescing import PROBE_EVERY, Coalescing, Mode
+from gateway.settings import Settings
 
 INTERVAL = 0.1
 CEILING = 0.02
@@ -128,3 +130,20 @@ def test_busy_is_a_share_of_one_core() -> None:
     for busy in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="share of one core"):
             Coalescing(Mode.ADAPTIVE, CEILING, busy)
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [("adaptive", "adaptive"), ("WINDOW", "window"), ("off", "off"), ("true", "adaptive"),
+     ("False", "off")],
+)  # fmt: skip
+def test_gateway_coalesce_takes_a_mode_and_its_old_true_or_false(value: str, mode: str) -> None:
+    """``GATEWAY_COALESCE`` was a switch before it had modes: true is now adaptive (the
+    default), false still writes every message on its own."""
+    assert Settings(_cli_parse_args=[], coalesce=value).coalesce == mode
+    assert Mode(mode) in Mode
+
+
+def test_gateway_coalesce_refuses_anything_else() -> None:
+    with pytest.raises(ValidationError, match="coalesce"):
+        Settings(_cli_parse_args=[], coalesce="sometimes")
