@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from gateway.backlog import Backlog
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
-from gateway.coalescing import Coalescing
+from gateway.coalescing import Coalescing, gathered, next_gap
 from gateway.deltas import DeltaChain
 from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
 from gateway.history import (
@@ -77,6 +77,7 @@ class _Channel:
     """The local side of one channel."""
 
     __slots__ = (
+        "arrived",
         "batch",
         "batch_bytes",
         "catching",
@@ -90,6 +91,7 @@ class _Channel:
         "fetch",
         "flush",
         "fulls",
+        "gap",
         "held",
         "joining",
         "last_write",
@@ -120,6 +122,10 @@ class _Channel:
         self.flush: asyncio.Handle | None = None  # the window's end, while it holds them
         self.due = False  # in the hub's list of channels to write this iteration
         self.last_write = -math.inf  # loop time
+        # Loop time of the last message, and the mean time between messages (smoothed over
+        # the last few, each counted as at most the window): how many a window gathers.
+        self.arrived = -math.inf
+        self.gap = 0.0
         # History channels only: the last offset delivered; while a read of the stream fills
         # a gap, the live messages that arrive meanwhile (else None).
         self.cursor: Cursor | None = Cursor() if history else None
@@ -392,9 +398,20 @@ class Hub:
             local.received.append((envelope, time.time_ns()))
         if local.batch_bytes >= self.max_batch_bytes or not self.coalescing.enabled:
             self._write(local)
-        elif local.flush is None and not local.due:
-            loop = asyncio.get_running_loop()
-            delay = local.last_write + self.coalescing.window - loop.time()
+            return item
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        window = self.coalescing.window
+        local.gap = next_gap(local.gap, now - local.arrived, window)
+        local.arrived = now
+        if local.due:
+            return item
+        if gathered(len(local.batch), local.gap, window):
+            if local.flush is not None:
+                local.flush.cancel()
+            self._make_due(local)
+        elif local.flush is None:
+            delay = local.last_write + window - now
             if delay > 0:
                 local.flush = loop.call_later(delay, self._make_due, local)
             else:

@@ -1,5 +1,6 @@
-"""The adaptive coalescing policy (gateway.coalescing), fed loads as the replica's sampler
-would, ten intervals a second: no sockets, no clock."""
+"""The coalescing policy (gateway.coalescing): the adaptive window, fed loads as the replica's
+sampler would, ten intervals a second, and when a channel's held messages are a window's worth:
+no sockets, no clock."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import itertools
 import pytest
 from pydantic import ValidationError
 
-from gateway.coalescing import PROBE_EVERY, Coalescing, Mode
+from gateway.coalescing import PROBE_EVERY, Coalescing, Mode, gathered, next_gap
 from gateway.settings import Settings
 
 INTERVAL = 0.1
@@ -130,6 +131,48 @@ def test_busy_is_a_share_of_one_core() -> None:
     for busy in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="share of one core"):
             Coalescing(Mode.ADAPTIVE, CEILING, busy)
+
+
+def steady(gap: float, window: float, messages: int, start: float = 0.0) -> float:
+    """The mean gap a channel measures after ``messages`` that came ``gap`` seconds apart."""
+    for _ in range(messages):
+        start = next_gap(start, gap, window)
+    return start
+
+
+def test_a_steady_stream_is_written_when_a_windows_worth_has_arrived() -> None:
+    """Messages 5 ms apart under a 20 ms window: the fourth completes the batch (a timer set
+    from the last write would have to be relied on to catch it), the third does not."""
+    gap = steady(0.005, 0.02, 40)
+    assert gap == pytest.approx(0.005, rel=1e-3)
+    assert gathered(4, gap, 0.02) and not gathered(3, gap, 0.02)
+    # Measured a little slower or faster, the same: within a quarter of a message.
+    assert gathered(4, gap * 0.97, 0.02) and not gathered(3, gap * 1.05, 0.02)
+    # Faster than the window by far: many to a write.
+    assert not gathered(19, steady(0.001, 0.02, 40), 0.02)
+
+
+def test_the_gap_is_learnt_within_a_few_messages_and_from_below() -> None:
+    """A channel starts with no gap: the window's end decides, as it did before the rate was
+    known; and the mean follows the last few messages, so a change of rate shows in about ten."""
+    assert not gathered(1000, 0.0, 0.02)
+    learning = steady(0.005, 0.02, 3)
+    assert learning < 0.005 and not gathered(4, learning, 0.02)
+    assert steady(0.001, 0.02, 10, start=0.005) == pytest.approx(0.001, abs=0.0003)
+
+
+def test_a_channel_slower_than_the_window_has_each_message_written_alone() -> None:
+    """An interval counts as at most the window: a slow channel is a window's worth per
+    message, and a quiet spell does not leave a channel counted slow through the burst that
+    follows it."""
+    assert steady(10.0, 0.02, 1) == pytest.approx(0.005)  # a quiet minute weighs a window
+    assert gathered(1, steady(0.5, 0.02, 40), 0.02)
+    after_quiet = steady(0.001, 0.02, 4, start=0.02)
+    assert not gathered(1, after_quiet, 0.02) and gathered(4, after_quiet, 0.02)
+
+
+def test_with_no_window_every_message_is_a_windows_worth() -> None:
+    assert gathered(1, 0.0, 0.0) and gathered(1, steady(0.005, 0.0, 10), 0.0)
 
 
 @pytest.mark.parametrize(
