@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chart import chart
-from bench.fanout import Scenario, bench_redis, report, sweep, table
+from bench.fanout import Scenario, bench_redis, medians, report, sweep, table
 from bench.targets import targets
 
 BOTH = ("gateway", "guide")
@@ -24,16 +24,18 @@ BOTH = ("gateway", "guide")
 #: delivery on its own, and the guide's design.
 ALL = ("gateway", "gateway-window", "gateway-1write", "guide")
 FULL = (
-    Scenario("1k", 1000, ALL, (20, 50, 100, 200)),
+    Scenario("1k", 1000, ALL, (20, 50, 100, 200), repeats=3),
     Scenario("1k-saturation", 1000, BOTH, (50, 100, 500, 1000, 2000), until_saturated=True),
     Scenario("10k", 10000, BOTH, (2, 5, 20, 50, 100, 200), until_saturated=True),
     Scenario("1k-stalled", 1000, BOTH, (20,), stalled_percent=5, pairs=3),
+    Scenario("1k-4KiB-stalled", 1000, BOTH, (50,), stalled_percent=5, payload=4096),
 )
 QUICK = (
     Scenario("1k", 40, ALL, (20, 50, 100, 200), settle=0.3),
     Scenario("1k-saturation", 40, BOTH, (500,), until_saturated=True, settle=0.3),
     Scenario("10k", 60, BOTH, (20,), until_saturated=True, settle=0.3),
     Scenario("1k-stalled", 40, BOTH, (20,), stalled_percent=5, settle=0.3),
+    Scenario("1k-4KiB-stalled", 40, BOTH, (50,), stalled_percent=5, settle=0.3, payload=4096),
 )
 
 
@@ -52,9 +54,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {t['issue']} | {t['target']} | {t['measured']} | {t['bound']} | {t['met']} |"
         )
-    for scenario in dict.fromkeys(r["scenario"] for r in result["rows"]):
+    rows = medians(result["rows"])
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        these = [r for r in rows if r["scenario"] == scenario]
         lines += ["", f"## Scenario {scenario}", ""]
-        lines.append(table([r for r in result["rows"] if r["scenario"] == scenario]))
+        if these[0]["runs"] > 1:
+            lines += [f"Medians of {these[0]['runs']} runs each (every run: report.json).", ""]
+        lines.append(table(these))
     return "\n".join(lines) + "\n"
 
 

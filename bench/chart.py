@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # no screen needed
 
 import matplotlib.pyplot as plt  # after choosing the backend
 
+from bench.fanout import medians
+
 STYLE = {
     "gateway": "tab:blue",
     "gateway-window": "tab:green",
@@ -24,7 +26,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12, 4.8))
     # One line per design and scenario (the stalled clients' scenario is one rate, paired).
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in result["rows"]:
+    for row in medians(result["rows"]):
         if row["stalled"] == 0 and row["scenario"] != "1k-stalled":
             series.setdefault((row["design"], row["scenario"]), []).append(row)
     for (design, scenario), rows in sorted(series.items()):

@@ -172,6 +172,7 @@ def run(
     stalled: int,
     settings: dict[str, str] | None = None,
     settle: float = 2.0,
+    payload: int = 128,
 ) -> dict[str, Any]:
     port = free_port()
     server = start_server(design, port, redis_server.url, **(settings or {}))
@@ -183,7 +184,7 @@ def run(
             if publisher.pubsub_numsub("ws:bench")[0][1] >= 1:
                 break
             time.sleep(0.05)
-        pad = "x" * 90  # with "sent", a 128-byte JSON payload
+        pad = "x" * (payload - 38)  # with "sent", a JSON payload of ``payload`` bytes
         messages = int(rate * seconds)
         cpu_start = cpu_seconds(server.pid)
         started = time.monotonic()
@@ -220,6 +221,7 @@ def run(
     return {
         "design": design,
         "subscribers": subscribers,
+        "payload": payload,
         "stalled": stalled,
         "rate": rate,
         "messages": messages,
@@ -271,6 +273,10 @@ class Scenario:
     pairs: int = 1
     #: Seconds between the last handshake and the first message (see connect_idle).
     settle: float = 2.0
+    #: Runs of each design at each rate, interleaved (see medians).
+    repeats: int = 1
+    #: Bytes of each message's JSON payload.
+    payload: int = 128
 
 
 def sweep(
@@ -285,27 +291,48 @@ def sweep(
     rows: list[dict[str, Any]] = []
     saturated: set[str] = set()
     for rate in scenario.rates:
-        for design in scenario.designs:
-            for stalled_now in variants:
-                if design in saturated:
-                    continue
-                row = run(
-                    design,
-                    redis_server,
-                    scenario.subscribers,
-                    rate,
-                    seconds,
-                    stalled_now,
-                    settings,
-                    scenario.settle,
-                )
-                row["scenario"] = scenario.name
-                row["sustained"] = sustained(row)
-                rows.append(row)
-                print(f"{scenario.name:14} {table([row]).splitlines()[-1]}", flush=True)
-                if scenario.until_saturated and not row["sustained"]:
-                    saturated.add(design)
+        for _ in range(scenario.repeats):
+            for design in scenario.designs:
+                for stalled_now in variants:
+                    if design in saturated:
+                        continue
+                    row = run(
+                        design,
+                        redis_server,
+                        scenario.subscribers,
+                        rate,
+                        seconds,
+                        stalled_now,
+                        settings,
+                        scenario.settle,
+                        scenario.payload,
+                    )
+                    row["scenario"] = scenario.name
+                    row["sustained"] = sustained(row)
+                    rows.append(row)
+                    print(f"{scenario.name:14} {table([row]).splitlines()[-1]}", flush=True)
+                    if scenario.until_saturated and not row["sustained"]:
+                        saturated.add(design)
     return rows
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per scenario, design, rate and number of stalled clients, each figure the median
+    of its runs, in the order of their first runs: on this VM latency moves between identical
+    runs (p99 by a factor of 2 or more), so a verdict is read off several."""
+    runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row.get("scenario"), row["design"], row["rate"], row["stalled"])
+        runs.setdefault(key, []).append(row)
+    merged = []
+    for same in runs.values():
+        row = {**same[0], "runs": len(same)}
+        for field, value in same[0].items():
+            if isinstance(value, float) and all(r[field] is not None for r in same):
+                row[field] = statistics.median(r[field] for r in same)
+        row["sustained"] = sustained(row)
+        merged.append(row)
+    return merged
 
 
 def bench_redis(workdir: Path) -> RedisServer:
