@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -50,25 +52,35 @@ async def test_guide_server_delivers_the_same_frames_as_the_gateway(
         assert json.loads(await baseline.recv()) == await recv_json(ours)
 
 
-def test_idle_memory_bench_runs() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.idle_memory", "--connections", "50"],
-        capture_output=True,
+def bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m <args>`` in a session of its own: if it overruns ``timeout`` the whole
+    session is killed, the Redis, servers and load clients it started included (killing the
+    driver alone would leave them running on ports and CPUs the next tests use)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:  # the timeout, or the test's own timeout interrupting the wait
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_idle_memory_bench_runs() -> None:
+    result = bench("bench.idle_memory", "--connections", "50", timeout=100)
     assert result.returncode == 0, result.stderr
     assert "50 idle connections:" in result.stdout and "KiB each" in result.stdout
 
 
 @pytest.mark.timeout(300)  # about 2 minutes on an idle 2-core machine
 def test_the_whole_benchmark_runs_quick_and_writes_its_report(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = bench("bench", "--quick", "--out", str(tmp_path), timeout=270)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     designs = {(r["scenario"], r["design"]) for r in report["rows"]}
