@@ -24,10 +24,13 @@ STYLE = {
 
 def chart(result: dict[str, Any], path: Path) -> None:
     figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12, 4.8))
-    # One line per design and scenario (the stalled clients' scenario is one rate, paired).
+    # One line per design and scenario, but for the scenarios with stalled clients (one rate,
+    # with and without them: their tables say it).
+    rows = medians(result["rows"])
+    stalling = {row["scenario"] for row in rows if row["stalled"]}
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in medians(result["rows"]):
-        if row["stalled"] == 0 and row["scenario"] != "1k-stalled":
+    for row in rows:
+        if row["scenario"] not in stalling:
             series.setdefault((row["design"], row["scenario"]), []).append(row)
     for (design, scenario), rows in sorted(series.items()):
         rows.sort(key=lambda r: r["deliveries_per_second"])

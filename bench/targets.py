@@ -7,7 +7,6 @@ drift apart: ``tests/test_bench.py`` measures ``CPU_VS_GUIDE`` live and ``tests/
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 from bench.fanout import medians
@@ -24,21 +23,27 @@ OPEN_ISSUES = frozenset({17})
 
 def pick(rows: list[dict[str, Any]], scenario: str, design: str, rate: float) -> dict[str, Any]:
     """The run of a design at a rate, or with several, their medians."""
+    return _find(medians(rows), scenario, design, rate)
+
+
+def _find(merged: list[dict[str, Any]], scenario: str, design: str, rate: float) -> dict[str, Any]:
     key = (scenario, design, rate)
-    [row] = [r for r in medians(rows) if (r["scenario"], r["design"], r["rate"]) == key]
+    [row] = [r for r in merged if (r["scenario"], r["design"], r["rate"]) == key]
     return row
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each as a measured value against its bound."""
+    """The issue's targets, each as a measured value against its bound, read off the medians
+    of repeated runs."""
+    merged = medians(rows)
 
     def cpu(scenario: str, design: str, rate: float) -> float:
-        return float(pick(rows, scenario, design, rate)["cpu_us_per_delivery"])
+        return float(_find(merged, scenario, design, rate)["cpu_us_per_delivery"])
 
     def best(design: str) -> float:
         """The highest deliveries/s the design sustained; if it sustained none, the lowest it
         was tried at: more than it sustains, so the ratio against it is a lower bound."""
-        tried = [r for r in medians(rows) if r["design"] == design]
+        tried = [r for r in merged if r["design"] == design]
         sustained = [r["deliveries_per_second"] for r in tried if r["sustained"]]
         if sustained:
             return float(max(sustained))
@@ -46,21 +51,21 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def idle(design: str) -> float:
         return float(
-            next(r for r in rows if r["scenario"] == "10k" and r["design"] == design)[
+            next(r for r in merged if r["scenario"] == "10k" and r["design"] == design)[
                 "rss_kib_per_idle_connection"
             ]
         )
 
     def p99(stalled: bool) -> float:
-        return statistics.median(
-            float(r["latency_p99_ms"])
-            for r in rows
+        [row] = [
+            r for r in merged
             if r["scenario"] == "1k-stalled" and r["design"] == "gateway"
             and bool(r["stalled"]) == stalled
-        )  # fmt: skip
+        ]  # fmt: skip
+        return float(row["latency_p99_ms"])
 
     def row(rate: float, design: str = "gateway") -> dict[str, Any]:
-        return pick(rows, "1k", design, rate)
+        return _find(merged, "1k", design, rate)
 
     def latency(rate: float, which: str) -> float:
         return float(row(rate)[f"latency_{which}_ms"])

@@ -8,10 +8,10 @@ Messages are written per channel in batches: what the backplane hands over in on
 iteration (all the messages of one socket read) and, while the coalescing window
 (:mod:`gateway.coalescing`) is open, what arrives within it after the channel's last write (or
 until a window's worth at the channel's rate has) is joined into one buffer, built once, and
-each subscriber gets it in one write. Under load the
-system calls per delivery fall well below one; at a quiet moment the first message still goes
-out on the next loop iteration. The channels due in the same iteration are written together:
-a client subscribed to several of them gets all their messages in one write.
+each subscriber gets it in one write. Under load the system calls per delivery fall well below
+one; at a quiet moment the first message still goes out on the next loop iteration. The
+channels due in the same iteration are written together: a client subscribed to several of
+them gets all their messages in one write.
 
 History channels (see :mod:`gateway.history`) are delivered in offset order, once each: a
 :class:`~gateway.history.Cursor` per channel drops duplicates, and a missing offset (or the
