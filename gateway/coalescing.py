@@ -22,8 +22,6 @@ first message after a quiet spell goes at once); this module decides that window
   :func:`next_gap`): a steady stream is written the moment a window's worth has arrived, not
   when a timer set from its last write ends, which its next message tends to just miss
   (the write it triggers delays reading that message) and then waits a whole window more.
-  A channel with many subscribers is written to them in cohorts, each in its turn
-  (:mod:`gateway.cohorts`).
 - ``window``: always ``ceiling`` (the fixed window of earlier versions), written the same way.
 - ``off``: every message is its own write (for comparison; the most CPU per delivery).
 

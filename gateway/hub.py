@@ -11,9 +11,7 @@ until a window's worth at the channel's rate has) is joined into one buffer, bui
 each subscriber gets it in one write. Under load the system calls per delivery fall well below
 one; at a quiet moment the first message still goes out on the next loop iteration. The
 channels due in the same iteration are written together: a client subscribed to several of
-them gets all their messages in one write. A channel with many subscribers, while the window
-holds its messages, writes them in cohorts at staggered turns (:mod:`gateway.cohorts`): each
-still gets a window's worth a write, and each fan-out is a fraction as long.
+them gets all their messages in one write.
 
 History channels (see :mod:`gateway.history`) are delivered in offset order, once each: a
 :class:`~gateway.history.Cursor` per channel drops duplicates, and a missing offset (or the
@@ -28,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import operator
 import time
 import weakref
 from collections import Counter
@@ -41,7 +38,6 @@ from gateway.backlog import Backlog
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
 from gateway.coalescing import Coalescing, gathered, next_gap
-from gateway.cohorts import MIN_MEMBERS, Cohorts, turns
 from gateway.deltas import DeltaChain
 from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
 from gateway.history import (
@@ -74,8 +70,6 @@ _FILL_ATTEMPTS = 5
 _READS_AT_ONCE = 4
 #: Seconds the backlog is fanned out for before the loop's other callbacks get their turn.
 _FAN_OUT_SLICE = 0.002
-#: A session's cohort (see gateway.cohorts).
-_COHORT: Callable[[Session], int] = operator.attrgetter("cohort")
 
 log = logging.getLogger("gateway.hub")
 
@@ -89,7 +83,6 @@ class _Channel:
         "batch_bytes",
         "catching",
         "chain",
-        "cohorts",
         "cursor",
         "decoded",
         "delta_wanted",
@@ -111,7 +104,6 @@ class _Channel:
         "pending",
         "received",
         "state",
-        "turns",
         "waiting",
     )
 
@@ -135,10 +127,6 @@ class _Channel:
         # the last few, each counted as at most the window): how many a window gathers.
         self.arrived = -math.inf
         self.gap = 0.0
-        # A channel with many subscribers once it held messages: its subscribers written in
-        # cohorts at staggered turns (gateway.cohorts), and the turns its window is split into.
-        self.cohorts: Cohorts[Session, Outbound] | None = None
-        self.turns = 1
         # History channels only: the last offset delivered; while a read of the stream fills
         # a gap, the live messages that arrive meanwhile (else None).
         self.cursor: Cursor | None = Cursor() if history else None
@@ -179,38 +167,14 @@ class _Channel:
     def active(self) -> bool:
         return bool(self.members or self.deltas or self.waiting or self.catching)
 
-    @property
-    def staggered(self) -> bool:
-        """Whether its cohorts are written each when due: not while subscribers catch up on
-        their own (one joins the members when it has had all they have) or take deltas (a
-        chain per batch, sent to them all at once)."""
-        return self.cohorts is not None and not self.catching and not self.deltas
-
-    @property
-    def unwritten(self) -> bool:
-        """Whether it has messages some subscriber has not been written."""
-        return bool(self.batch) or (self.cohorts is not None and self.cohorts.pending)
-
     def admit(self, session: Session) -> None:
-        """``session`` receives the channel's messages from now on (call when everyone has
-        been written what the channel has: none of it is for the newcomer)."""
+        """``session`` receives the channel's messages from now on."""
         if self.delta_wanted and session in self.delta_wanted:
             if self.deltas is None:
                 self.deltas = {}
             self.deltas[session] = -1  # its first message: the full text
         else:
             self.members[session] = None
-            if self.cohorts is not None:
-                self.cohorts.regroup()
-
-    def drop(self, session: Session) -> None:
-        """``session`` receives nothing more of the channel."""
-        if self.members.pop(session, 0) is None and self.cohorts is not None:
-            self.cohorts.regroup()
-        if self.deltas:
-            self.deltas.pop(session, None)
-        if self.delta_wanted:
-            self.delta_wanted.pop(session, None)
 
 
 class _Read:
@@ -439,20 +403,16 @@ class Hub:
         loop = asyncio.get_running_loop()
         now = loop.time()
         window = self.coalescing.window
-        local.gap = gap = next_gap(local.gap, now - local.arrived, window)
+        local.gap = next_gap(local.gap, now - local.arrived, window)
         local.arrived = now
-        if local.cohorts is None and window and len(local.members) >= MIN_MEMBERS:
-            local.cohorts = Cohorts()
-        local.turns = turns(window / gap) if local.staggered and gap > 0 else 1
         if local.due:
             return item
-        span = window / local.turns  # between two turns
-        if gathered(len(local.batch), gap, span):
+        if gathered(len(local.batch), local.gap, window):
             if local.flush is not None:
                 local.flush.cancel()
             self._make_due(local)
         elif local.flush is None:
-            delay = local.last_write + span - now
+            delay = local.last_write + window - now
             if delay > 0:
                 local.flush = loop.call_later(delay, self._make_due, local)
             else:
@@ -475,20 +435,18 @@ class Hub:
         for local in due:
             local.due = False
         if len(due) == 1:
-            self._write(due[0], everyone=False)
+            self._write(due[0])
             return
         # iter(): Counter.update counts a mapping's values, and members map to None.
         counts: Counter[Session] = Counter()
         for local in due:
-            # All the members, though a channel written in turns writes only some: those
-            # counted for nothing get their part through the slower path, still in one write.
-            if local.unwritten:
+            if local.batch:
                 counts.update(iter(local.members))
                 if local.deltas:
                     counts.update(iter(local.deltas))
         shared: Shared = {session: [] for session, n in counts.items() if n > 1}
         for local in due:
-            self._write(local, shared or None, everyone=False)
+            self._write(local, shared or None)
         for session, parts in shared.items():
             if len(parts) == 1:
                 session.deliver(*parts[0])
@@ -591,18 +549,15 @@ class Hub:
                 local.held = []
                 self._fill(local)
 
-    def _write(
-        self, local: _Channel, shared: Shared | None = None, *, everyone: bool = True
-    ) -> None:
-        """Hand the channel's waiting messages to its subscribers, one buffer for all (those
-        in ``shared`` get theirs later, with other channels'). Unless ``everyone``, a channel
-        written in turns writes only the cohorts whose turn it is."""
+    def _write(self, local: _Channel, shared: Shared | None = None) -> None:
+        """Hand the channel's waiting messages to every subscriber, one buffer for all (those
+        in ``shared`` get theirs later, with other channels')."""
         if local.flush is not None:
             local.flush.cancel()
             local.flush = None
-        if not local.unwritten:
-            return
         batch = local.batch
+        if not batch:
+            return
         local.batch = []
         local.batch_bytes = 0
         received, local.received = local.received, []
@@ -610,76 +565,32 @@ class Hub:
         telemetry = self.telemetry
         started = time.perf_counter()
         spans = [telemetry.consume(*args) for args in received] if telemetry and received else []
-        frame = b""
-        if batch:
-            frame = batch[0].frame if len(batch) == 1 else b"".join([i.frame for i in batch])
+        frame = batch[0].frame if len(batch) == 1 else b"".join([item.frame for item in batch])
         # The last span is the current one while writing, so log lines carry its trace id.
         scope = telemetry.active(spans[-1]) if telemetry and spans else contextlib.nullcontext()
         with scope:
-            if local.cohorts is None:
-                writes = _deliver(members, batch, frame, shared)
-                fanout = len(members) * len(batch)
-                written = [batch]
-            else:
-                staggered = local.staggered and not everyone
-                writes, fanout, written = self._write_cohorts(local, batch, staggered, shared)
-            if batch:
-                if local.deltas:
-                    writes += self._deliver_deltas(local, batch, frame, shared)
-                    fanout += len(local.deltas) * len(batch)
-                if local.waiting:
-                    for kept in local.waiting.values():
-                        kept.extend(batch)
-                    if local.latest_read is not None:
-                        local.latest_read.kept.extend(batch)
-                if local.catching:
-                    self._deliver_catching(local, batch)
+            writes = _deliver(members, batch, frame, shared)
+            if local.deltas:
+                writes += self._deliver_deltas(local, batch, frame, shared)
+            if local.waiting:
+                for kept in local.waiting.values():
+                    kept.extend(batch)
+                if local.latest_read is not None:
+                    local.latest_read.kept.extend(batch)
+            if local.catching:
+                self._deliver_catching(local, batch)
         self.stats.writes += writes
-        self.stats.fanout += fanout
-        loop = asyncio.get_running_loop()
-        local.last_write = loop.time()
-        cohorts = local.cohorts
-        if cohorts is not None and cohorts.pending and not local.due:
-            # The cohorts still waiting have their turns even if nothing more arrives.
-            between = self.coalescing.window / local.turns
-            local.flush = loop.call_later(between, self._make_due, local)
+        self.stats.fanout += (len(members) + len(local.deltas or ())) * len(batch)
+        local.last_write = asyncio.get_running_loop().time()
         if telemetry is None:
             return
         telemetry.fanout_duration.record(time.perf_counter() - started)
         now = time.time()
-        for items in written:
-            for item in items:
-                telemetry.delivery_latency.record(max(0.0, now - (item.ts or 0) / 1000))
+        for item in batch:
+            telemetry.delivery_latency.record(max(0.0, now - (item.ts or 0) / 1000))
         for span in spans:
             span.set_attribute("wsgateway.deliveries", len(members))
             span.end()
-
-    def _write_cohorts(
-        self, local: _Channel, batch: list[Outbound], staggered: bool, shared: Shared | None
-    ) -> tuple[int, int, list[list[Outbound]]]:
-        """Write the channel's cohorts that are due (if ``staggered``, else all) what each has
-        not had; return the writes, the deliveries and the messages each cohort was written."""
-        cohorts = local.cohorts
-        assert cohorts is not None
-        cohorts.add(batch)
-        window = self.coalescing.window
-        taken = cohorts.take(local.turns) if staggered and window else cohorts.take_all()
-        groups = cohorts.members(local.members, _COHORT)
-        frames: dict[int, bytes] = {}  # cohorts at the same place get the same frame
-        writes = fanout = 0
-        written = []
-        for index, items in taken:
-            frame = frames.get(len(items))
-            if frame is None:
-                frame = frames[len(items)] = b"".join([item.frame for item in items])
-            group = groups[index]
-            writes += _deliver(group, items, frame, shared)
-            fanout += len(group) * len(items)
-            written.append(items)
-        local.batch_bytes = sum(len(item) for item in cohorts.log)
-        if not cohorts.pending and len(local.members) < MIN_MEMBERS:
-            local.cohorts = None
-        return writes, fanout, written
 
     @staticmethod
     def _deliver_deltas(
@@ -820,7 +731,7 @@ class Hub:
             # What arrived before this subscription is not for it.
             self._catch_up(local)
             self._write(local)
-            local.admit(session)
+            local.members[session] = None
             return None
         if delta and self.allows_delta(channel):
             if local.delta_wanted is None:
@@ -992,7 +903,11 @@ class Hub:
             self.on_left(session, channel)
         local = self._channels.get(channel)
         if local is not None:
-            local.drop(session)
+            local.members.pop(session, None)
+            if local.deltas:
+                local.deltas.pop(session, None)
+            if local.delta_wanted:
+                local.delta_wanted.pop(session, None)
             local.joining.discard(session)
             local.waiting.pop(session, None)
             local.catching.pop(session, None)

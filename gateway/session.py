@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import socket
 import struct
@@ -47,7 +46,6 @@ from websockets.protocol import CONNECTING, OPEN, State
 
 from gateway.access import Access
 from gateway.admission import Admission
-from gateway.cohorts import COHORTS
 from gateway.outbox import Outbox
 from gateway.protocol import Close, Outbound
 from gateway.ratelimit import TokenBucket
@@ -74,8 +72,6 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _FEED = 4096
 #: Bytes one flush writes before the loop's other callbacks get their turn.
 _FLUSH_BYTES = 256 * 1024
-#: Numbers the sessions, for their cohort.
-_SESSIONS = itertools.count()
 #: Seconds between closing a flooding client and resetting its connection.
 _FLOOD_GRACE = 1.0
 _PING = struct.Struct("!d")  # a keepalive ping carries the loop time it was sent at
@@ -430,7 +426,6 @@ class Session:
         "close_cause",
         "close_code",
         "close_reason",
-        "cohort",
         "congested_at",
         "connection",
         "deaf",
@@ -458,9 +453,6 @@ class Session:
         self.stats = stats
         self.limits = limits
         self.channels: set[str] = set()
-        #: Which of a busy channel's cohorts it is written with (see gateway.cohorts): the
-        #: sessions in turn, so that every cohort of a channel has about as many.
-        self.cohort = next(_SESSIONS) % COHORTS
         loop = asyncio.get_running_loop()
         self.bucket = TokenBucket(limits.rate, limits.rate, loop.time())
         # Created on first congestion: most clients never need one.

@@ -183,65 +183,14 @@ async def test_a_client_of_several_channels_gets_what_arrives_together_in_one_wr
         assert gateway.metric(WRITES) - writes <= 2 * rounds + 3
 
 
-FAN_OUTS = "wsgateway_fanout_duration_seconds_count"
-
-
-async def test_a_busy_channel_with_many_subscribers_is_written_in_turns(
+async def test_resuming_into_a_busy_coalesced_channel_misses_nothing_and_repeats_nothing(
     redis_server: RedisServer, gateway_factory: GatewayFactory
 ) -> None:
-    """A fixed 40 ms window and a message about every 6 ms: a window's worth is six or so,
-    so the channel's 80 subscribers are written in four cohorts at staggered turns (a fan-out
-    writes a quarter of them), each still getting several messages a write. A client that
-    subscribes while some cohorts have messages waiting gets none of those, and every other
-    client gets every message once, in order."""
-    gateway = gateway_factory(
-        {
-            "GATEWAY_REDIS_URL": redis_server.url,
-            "GATEWAY_COALESCE": "window",
-            "GATEWAY_COALESCE_WINDOW": "0.04",
-        }
-    )
-    messages, subscribers = 200, 80
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(client(gateway.ws_url + "?channels=feed"))
-            for _ in range(subscribers)
-        ]
-        for ws in clients:
-            await recv_json(ws)
-        late = await stack.enter_async_context(client(gateway.ws_url))
-        received = asyncio.gather(
-            *[asyncio.wait_for(recv_n(ws, messages + 1), 30) for ws in clients]
-        )
-        writes, deliveries, fan_outs = (
-            gateway.metric(WRITES),
-            gateway.metric(DELIVERIES),
-            gateway.metric(FAN_OUTS),
-        )
-        for n in range(messages):
-            redis_server.publish("ws:feed", envelope("feed", n, mid=f"m{n}"))
-            await asyncio.sleep(0.005)
-        # At once, within the window: three of the four cohorts have messages waiting.
-        await late.send('{"op": "subscribe", "channel": "feed", "id": 1}')
-        assert (await recv_json(late))["op"] == "subscribed"
-        await asyncio.sleep(0.2)
-        writes = gateway.metric(WRITES) - writes
-        fan_outs = gateway.metric(FAN_OUTS) - fan_outs
-        assert gateway.metric(DELIVERIES) - deliveries == messages * subscribers
-        assert messages * subscribers / writes >= 2  # several messages a write
-        assert writes / fan_outs <= subscribers / 2  # each fan-out writes a part of them
-        redis_server.publish("ws:feed", envelope("feed", messages, mid="last"))
-        assert (await recv_json(late))["data"] == messages  # nothing from before it subscribed
-        for frames in await received:
-            assert [frame["data"] for frame in frames] == list(range(messages + 1))
-
-
-async def test_resuming_into_a_channel_written_in_turns_misses_nothing_and_repeats_nothing(
-    redis_server: RedisServer, gateway_factory: GatewayFactory
-) -> None:
-    """A history channel's 80 subscribers written in cohorts (a fixed 40 ms window, a message
-    about every 5 ms) while clients resume from earlier positions one after another: each ends
-    with exactly the messages after its position, and the 80 with all of them, in order."""
+    """A history channel's 80 subscribers, several messages a write (a fixed 40 ms window, a
+    message about every 5 ms), while clients resume from earlier positions one after another:
+    each ends with exactly the messages after its position, and the 80 with all of them, in
+    order (a resumed client joins the others only after they have been written what the
+    channel holds)."""
     gateway = gateway_factory(
         {
             "GATEWAY_REDIS_URL": redis_server.url,
@@ -296,14 +245,15 @@ async def test_resuming_into_a_channel_written_in_turns_misses_nothing_and_repea
                 assert [frame["data"] for frame in frames] == list(range(51, total + 1))
 
 
-async def test_a_client_catching_up_joins_a_channel_written_in_turns_without_repeats(
+async def test_clients_catching_up_join_a_busy_coalesced_channel_without_repeats(
     redis_server: RedisServer, gateway_factory: GatewayFactory
 ) -> None:
     """Three messages reach the channel's stream but not the replica (sent with SPUBLISH,
     which SUBSCRIBE misses) just before four clients resume: their read is ahead of the live
     messages, so they take only those after their position until the replica, having filled
-    the gap, catches up with them; then they join the 80 subscribers written in cohorts. Each
-    gets every message after its position once, and the 80 all of them, in order."""
+    the gap, catches up with them; then they join the 80 subscribers, which get several
+    messages a write. Each gets every message after its position once, and the 80 all of
+    them, in order."""
     gateway = gateway_factory(
         {
             "GATEWAY_REDIS_URL": redis_server.url,
@@ -328,7 +278,6 @@ async def test_a_client_catching_up_joins_a_channel_written_in_turns_without_rep
             received = asyncio.gather(
                 *[asyncio.wait_for(recv_n(ws, total - 1), 30) for ws in clients]
             )
-            # One in each cohort: whichever has messages waiting when they join the others.
             late = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(4)]
             for n in range(2, total + 1):
                 if n in hidden:
