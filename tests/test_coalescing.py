@@ -4,7 +4,9 @@ Messages of one channel that arrive together (one Redis read) reach each client 
 in order, and so do those of several channels for a client of them all; with a fixed window, a
 burst that follows a write waits for the window's end and goes out in one write too; adaptive
 (the default) writes through while the replica has CPU to spare and holds messages while it is
-busier than it allows; with coalescing off, every delivery is a write of its own.
+busier than it allows; with coalescing off, every delivery is a write of its own. Clients
+that resume into a busy coalesced history channel, or catch up with it after a gap, get every
+message after their position once.
 """
 
 from __future__ import annotations
