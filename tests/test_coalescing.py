@@ -185,6 +185,37 @@ async def test_a_client_of_several_channels_gets_what_arrives_together_in_one_wr
         assert gateway.metric(WRITES) - writes <= 2 * rounds + 3
 
 
+#: A replica holding the messages of history channels h.* a fixed 40 ms: with a message
+#: about every 5 ms, several go out in each write.
+BUSY_HISTORY = {
+    "GATEWAY_HISTORY_CHANNELS": "h.*",
+    "GATEWAY_COALESCE": "window",
+    "GATEWAY_COALESCE_WINDOW": "0.04",
+}
+
+
+async def subscribers_of_feed(
+    stack: contextlib.AsyncExitStack, url: str, expected: int, subscribers: int = 80
+) -> tuple[str, asyncio.Future[list[list[dict[str, Any]]]]]:
+    """``subscribers`` clients of h.feed, subscribed: the channel's epoch, and their next
+    ``expected`` messages each, as they come."""
+    clients = [
+        await stack.enter_async_context(client(url + "?channels=h.feed"))
+        for _ in range(subscribers)
+    ]
+    epoch = (await recv_json(clients[0]))["epoch"]
+    for ws in clients[1:]:
+        await recv_json(ws)
+    return epoch, asyncio.gather(*[asyncio.wait_for(recv_n(ws, expected), 30) for ws in clients])
+
+
+async def resume_feed(ws: ClientConnection, since: int, epoch: str) -> dict[str, Any]:
+    since_position = {"offset": since, "epoch": epoch}
+    return await request(
+        ws, {"op": "subscribe", "channel": "h.feed", "id": 1, "since": since_position}
+    )
+
+
 async def test_resuming_into_a_busy_coalesced_channel_misses_nothing_and_repeats_nothing(
     redis_server: RedisServer, gateway_factory: GatewayFactory
 ) -> None:
@@ -193,41 +224,17 @@ async def test_resuming_into_a_busy_coalesced_channel_misses_nothing_and_repeats
     each ends with exactly the messages after its position, and the 80 with all of them, in
     order (a resumed client joins the others only after they have been written what the
     channel holds)."""
-    gateway = gateway_factory(
-        {
-            "GATEWAY_REDIS_URL": redis_server.url,
-            "GATEWAY_HISTORY_CHANNELS": "h.*",
-            "GATEWAY_COALESCE": "window",
-            "GATEWAY_COALESCE_WINDOW": "0.04",
-        }
-    )
-    total, subscribers = 300, 80
+    gateway = gateway_factory({**BUSY_HISTORY, "GATEWAY_REDIS_URL": redis_server.url})
+    total = 300
     with Publisher(redis_server.url, history=HistoryPolicy(("h.*",))) as publisher:
         for n in range(1, 51):
             publisher.publish("h.feed", n)
         async with contextlib.AsyncExitStack() as stack:
-            clients = [
-                await stack.enter_async_context(client(gateway.ws_url + "?channels=h.feed"))
-                for _ in range(subscribers)
-            ]
-            epoch = (await recv_json(clients[0]))["epoch"]
-            for ws in clients[1:]:
-                await recv_json(ws)
-            received = asyncio.gather(
-                *[asyncio.wait_for(recv_n(ws, total - 50), 30) for ws in clients]
-            )
+            epoch, received = await subscribers_of_feed(stack, gateway.ws_url, total - 50)
 
             async def resume(since: int) -> list[int]:
                 async with client(gateway.ws_url) as ws:
-                    reply = await request(
-                        ws,
-                        {
-                            "op": "subscribe",
-                            "channel": "h.feed",
-                            "id": 1,
-                            "since": {"offset": since, "epoch": epoch},
-                        },
-                    )
+                    reply = await resume_feed(ws, since, epoch)
                     assert reply["recovered"] is True, reply
                     offsets: list[int] = []
                     while not offsets or offsets[-1] < total:
@@ -256,30 +263,14 @@ async def test_clients_catching_up_join_a_busy_coalesced_channel_without_repeats
     the gap, catches up with them; then they join the 80 subscribers, which get several
     messages a write. Each gets every message after its position once, and the 80 all of
     them, in order."""
-    gateway = gateway_factory(
-        {
-            "GATEWAY_REDIS_URL": redis_server.url,
-            "GATEWAY_HISTORY_CHANNELS": "h.*",
-            "GATEWAY_COALESCE": "window",
-            "GATEWAY_COALESCE_WINDOW": "0.04",
-        }
-    )
-    total, subscribers, hidden = 200, 80, (101, 102, 103)
+    gateway = gateway_factory({**BUSY_HISTORY, "GATEWAY_REDIS_URL": redis_server.url})
+    total, hidden = 200, (101, 102, 103)
     policy = HistoryPolicy(("h.*",))
     script = redis.Redis.from_url(redis_server.url).register_script(APPEND_LUA)
     with Publisher(redis_server.url, history=policy) as publisher:
         publisher.publish("h.feed", 1)
         async with contextlib.AsyncExitStack() as stack:
-            clients = [
-                await stack.enter_async_context(client(gateway.ws_url + "?channels=h.feed"))
-                for _ in range(subscribers)
-            ]
-            epoch = (await recv_json(clients[0]))["epoch"]
-            for ws in clients[1:]:
-                await recv_json(ws)
-            received = asyncio.gather(
-                *[asyncio.wait_for(recv_n(ws, total - 1), 30) for ws in clients]
-            )
+            epoch, received = await subscribers_of_feed(stack, gateway.ws_url, total - 1)
             late = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(4)]
             for n in range(2, total + 1):
                 if n in hidden:
@@ -290,15 +281,7 @@ async def test_clients_catching_up_join_a_busy_coalesced_channel_without_repeats
                 else:
                     await asyncio.to_thread(publisher.publish, "h.feed", n)
                 for ws in late if n == hidden[-1] else ():
-                    reply = await request(
-                        ws,
-                        {
-                            "op": "subscribe",
-                            "channel": "h.feed",
-                            "id": 1,
-                            "since": {"offset": 50, "epoch": epoch},
-                        },
-                    )
+                    reply = await resume_feed(ws, 50, epoch)
                     assert reply["recovered"] is True and reply["offset"] == n, reply
                 await asyncio.sleep(0.005)
             for ws in late:
