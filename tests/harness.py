@@ -479,6 +479,28 @@ async def request(ws: ClientConnection, payload: dict[str, Any] | str) -> dict[s
     return await recv_json(ws)
 
 
+async def subscribe(
+    ws: ClientConnection, channel: str, since: dict[str, Any] | None = None, **options: Any
+) -> dict[str, Any]:
+    """The reply to a subscribe request (id 1), resuming from ``since`` if given."""
+    payload: dict[str, Any] = {"op": "subscribe", "channel": channel, "id": 1, **options}
+    if since is not None:
+        payload["since"] = since
+    return await request(ws, payload)
+
+
+async def resume(url: str, channel: str, since: int, epoch: str, last: int) -> list[dict[str, Any]]:
+    """A new client's messages on ``channel`` after resuming from ``since`` of ``epoch``
+    (which must recover), up to the one at offset ``last``."""
+    async with client(url) as ws:
+        reply = await subscribe(ws, channel, {"offset": since, "epoch": epoch})
+        assert reply["recovered"] is True, reply
+        messages: list[dict[str, Any]] = []
+        while not messages or messages[-1]["offset"] < last:
+            messages.append(await recv_json(ws))
+        return messages
+
+
 async def expect_silence(ws: ClientConnection, seconds: float = 0.3) -> None:
     """Assert that nothing arrives for ``seconds``."""
     try:

@@ -29,7 +29,8 @@ from tests.harness import (
     envelope,
     expect_silence,
     recv_json,
-    request,
+    resume,
+    subscribe,
     wait_until,
 )
 
@@ -209,13 +210,6 @@ async def subscribers_of_feed(
     return epoch, asyncio.gather(*[asyncio.wait_for(recv_n(ws, expected), 30) for ws in clients])
 
 
-async def resume_feed(ws: ClientConnection, since: int, epoch: str) -> dict[str, Any]:
-    since_position = {"offset": since, "epoch": epoch}
-    return await request(
-        ws, {"op": "subscribe", "channel": "h.feed", "id": 1, "since": since_position}
-    )
-
-
 async def test_resuming_into_a_busy_coalesced_channel_misses_nothing_and_repeats_nothing(
     redis_server: RedisServer, gateway_factory: GatewayFactory
 ) -> None:
@@ -232,21 +226,16 @@ async def test_resuming_into_a_busy_coalesced_channel_misses_nothing_and_repeats
         async with contextlib.AsyncExitStack() as stack:
             epoch, received = await subscribers_of_feed(stack, gateway.ws_url, total - 50)
 
-            async def resume(since: int) -> list[int]:
-                async with client(gateway.ws_url) as ws:
-                    reply = await resume_feed(ws, since, epoch)
-                    assert reply["recovered"] is True, reply
-                    offsets: list[int] = []
-                    while not offsets or offsets[-1] < total:
-                        offsets.append((await recv_json(ws))["offset"])
-                    return offsets
+            async def offsets_after(since: int) -> list[int]:
+                messages = await resume(gateway.ws_url, "h.feed", since, epoch, total)
+                return [message["offset"] for message in messages]
 
             resumed: list[asyncio.Task[list[int]]] = []
             starts = [(7 * k) % 50 for k in range(24)]
             for n in range(51, total + 1):
                 await asyncio.to_thread(publisher.publish, "h.feed", n)
                 if n % 10 == 0 and starts[len(resumed) :]:
-                    resumed.append(asyncio.create_task(resume(starts[len(resumed)])))
+                    resumed.append(asyncio.create_task(offsets_after(starts[len(resumed)])))
                 await asyncio.sleep(0.005)
             for since, offsets in zip(starts, await asyncio.gather(*resumed), strict=True):
                 assert offsets == list(range(since + 1, total + 1))
@@ -281,7 +270,7 @@ async def test_clients_catching_up_join_a_busy_coalesced_channel_without_repeats
                 else:
                     await asyncio.to_thread(publisher.publish, "h.feed", n)
                 for ws in late if n == hidden[-1] else ():
-                    reply = await resume_feed(ws, 50, epoch)
+                    reply = await subscribe(ws, "h.feed", {"offset": 50, "epoch": epoch})
                     assert reply["recovered"] is True and reply["offset"] == n, reply
                 await asyncio.sleep(0.005)
             for ws in late:

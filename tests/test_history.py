@@ -27,6 +27,8 @@ from tests.harness import (
     expect_silence,
     recv_json,
     request,
+    resume,
+    subscribe,
     wait_until,
 )
 
@@ -182,13 +184,6 @@ def test_a_lost_history_starts_a_new_epoch(redis_server: RedisServer) -> None:
 HISTORY = {"GATEWAY_HISTORY_CHANNELS": "h.*", "GATEWAY_ANONYMOUS_PUBLISH": "*"}
 
 
-async def _subscribe(ws: Any, channel: str, since: dict[str, Any] | None = None) -> dict[str, Any]:
-    payload: dict[str, Any] = {"op": "subscribe", "channel": channel, "id": 1}
-    if since is not None:
-        payload["since"] = since
-    return await request(ws, payload)
-
-
 async def _publish(url: str, channel: str, values: range) -> None:
     async with client(url) as ws:
         for value in values:
@@ -216,7 +211,7 @@ async def test_resume_replays_what_was_missed_then_goes_live(
     url = history_gateway.ws_url
     async with client(url) as ws:
         # Before its first message a channel is at offset 0 of the empty epoch "0".
-        reply = await _subscribe(ws, "h.news")
+        reply = await subscribe(ws, "h.news")
         assert (reply["offset"], reply["epoch"]) == (0, "0") and "recovered" not in reply
         await _publish(url, "h.news", range(3))
         got = await _messages(ws, 3)
@@ -227,14 +222,14 @@ async def test_resume_replays_what_was_missed_then_goes_live(
         ]
     await _publish(url, "h.news", range(3, 6))  # while nobody listens
     async with client(url) as ws:
-        reply = await _subscribe(ws, "h.news", {"offset": 3, "epoch": epoch})
+        reply = await subscribe(ws, "h.news", {"offset": 3, "epoch": epoch})
         assert (reply["recovered"], reply["offset"], reply["epoch"]) == (True, 6, epoch)
         await _publish(url, "h.news", range(6, 8))
         got = await _messages(ws, 4)
         assert [(m["data"], m["offset"]) for m in got] == [(n, n + 1) for n in range(3, 7)]
     async with client(url) as ws:
         # A position taken before the channel had history resumes from its first message.
-        reply = await _subscribe(ws, "h.news", {"offset": 0, "epoch": "0"})
+        reply = await subscribe(ws, "h.news", {"offset": 0, "epoch": "0"})
         assert (reply["recovered"], reply["offset"], reply["epoch"]) == (True, 8, epoch)
         got = await _messages(ws, 8)
         assert [m["offset"] for m in got] == list(range(1, 9))
@@ -249,7 +244,7 @@ async def test_reads_of_channels_never_published_to_create_nothing(
     async with client(gateway.ws_url) as ws:
         for n in range(50):
             since = {"offset": 0, "epoch": "0"} if n % 2 else {"offset": 4, "epoch": "e1"}
-            reply = await _subscribe(ws, f"h.unused.{n}", since)
+            reply = await subscribe(ws, f"h.unused.{n}", since)
             assert (reply["offset"], reply["epoch"]) == (0, "0")
             assert reply["recovered"] is (n % 2 == 1)  # nothing was missed from nothing
     assert redis_server.client_keys() == set()
@@ -263,17 +258,17 @@ async def test_resume_that_cannot_be_complete_says_so(gateway_factory: GatewayFa
     url = gateway.ws_url
     await _publish(url, "h.news", range(5))
     async with client(url) as ws:
-        epoch = (await _subscribe(ws, "h.news"))["epoch"]
+        epoch = (await subscribe(ws, "h.news"))["epoch"]
         for since in ({"offset": 1, "epoch": epoch}, {"offset": 3, "epoch": "other"}):
-            reply = await _subscribe(ws, "h.other")  # (a second channel keeps ids apart)
+            reply = await subscribe(ws, "h.other")  # (a second channel keeps ids apart)
             await request(ws, {"op": "unsubscribe", "channel": "h.news"})
-            reply = await _subscribe(ws, "h.news", since)
+            reply = await subscribe(ws, "h.news", since)
             assert (reply["recovered"], reply["offset"], reply["epoch"]) == (False, 5, epoch)
         await _publish(url, "h.news", range(5, 6))
         message = await recv_json(ws)
         assert (message["data"], message["offset"]) == (5, 6)  # live from the top, no replay
         # A channel without history cannot resume at all.
-        reply = await _subscribe(ws, "plain", {"offset": 1, "epoch": epoch})
+        reply = await subscribe(ws, "plain", {"offset": 1, "epoch": epoch})
         assert reply["recovered"] is False and "offset" not in reply
 
 
@@ -283,7 +278,7 @@ async def test_resume_that_cannot_be_complete_says_so(gateway_factory: GatewayFa
 )
 async def test_bad_positions_are_bad_requests(memory_gateway: GatewayProcess, since: Any) -> None:
     async with client(memory_gateway.ws_url) as ws:
-        reply = await _subscribe(ws, "news", since)
+        reply = await subscribe(ws, "news", since)
         assert (reply["op"], reply["code"], reply["id"]) == ("error", "bad_request", 1)
 
 
@@ -300,7 +295,7 @@ async def test_resume_under_live_load_has_no_gap_and_no_duplicate(
         for n in range(50):
             publisher.publish("h.load", n)
         async with client(gateway.ws_url) as probe:
-            epoch = (await _subscribe(probe, "h.load"))["epoch"]
+            epoch = (await subscribe(probe, "h.load"))["epoch"]
 
         async def publish_rest() -> None:
             for n in range(50, total):
@@ -308,26 +303,20 @@ async def test_resume_under_live_load_has_no_gap_and_no_duplicate(
                 if n % 20 == 0:
                     await asyncio.sleep(0.005)
 
-        async def resume(since: int) -> list[int]:
-            async with client(gateway.ws_url) as ws:
-                reply = await _subscribe(ws, "h.load", {"offset": since, "epoch": epoch})
-                assert reply["recovered"] is True, reply
-                offsets: list[int] = []
-                while not offsets or offsets[-1] < total:
-                    message = await recv_json(ws)
-                    offsets.append(message["offset"])
-                    assert message["data"] == message["offset"] - 1
-                return offsets
+        async def offsets_after(since: int) -> list[int]:
+            messages = await resume(gateway.ws_url, "h.load", since, epoch, total)
+            assert all(message["data"] == message["offset"] - 1 for message in messages)
+            return [message["offset"] for message in messages]
 
         publishing = asyncio.create_task(publish_rest())
         starts = [0, 10, 25, 49, 30, 45, 5, 40]
         resumed = []
         for since in starts:  # joining one after another while the publisher runs
-            resumed.append(asyncio.create_task(resume(since)))
+            resumed.append(asyncio.create_task(offsets_after(since)))
             await asyncio.sleep(0.05)
         burst = [3, 48, 17, 33, 0, 49]  # and together, as after a replica died: one shared read
         starts += burst
-        resumed.extend(asyncio.create_task(resume(since)) for since in burst)
+        resumed.extend(asyncio.create_task(offsets_after(since)) for since in burst)
         results = await asyncio.gather(*resumed)
         await publishing
     for since, offsets in zip(starts, results, strict=True):
@@ -348,7 +337,7 @@ async def test_a_gap_in_live_offsets_is_filled_from_the_stream(
     keys = list(history_keys("ws:", "h.gap"))
     script = r.register_script(APPEND_LUA)
     async with client(gateway.ws_url) as ws:
-        await _subscribe(ws, "h.gap")
+        await subscribe(ws, "h.gap")
         for n in (1, 2):
             script(keys, policy.append_args("ws:h.gap", build_envelope("h.gap", n)))
         assert [m["offset"] for m in await _messages(ws, 2)] == [1, 2]
@@ -379,7 +368,7 @@ async def test_a_history_read_that_fails_is_retried_then_given_up(
     keys = list(history_keys("ws:", "h.retry"))
     script = r.register_script(APPEND_LUA)
     async with client(gateway.ws_url) as ws:
-        await _subscribe(ws, "h.retry")
+        await subscribe(ws, "h.retry")
         script(keys, policy.append_args("ws:h.retry", build_envelope("h.retry", 1)))
         assert [m["offset"] for m in await _messages(ws, 1)] == [1]
         redis_server.command("ACL", "SETUSER", "gateway", "-@scripting")
@@ -418,7 +407,7 @@ async def test_a_version_1_message_on_a_history_channel_is_delivered_unnumbered(
 ) -> None:
     gateway = gateway_factory({**HISTORY, "GATEWAY_REDIS_URL": redis_server.url})
     async with client(gateway.ws_url) as ws:
-        await _subscribe(ws, "h.old")
+        await subscribe(ws, "h.old")
         # A publisher that predates history (or is not configured for it) PUBLISHes version 1.
         assert redis_server.publish("ws:h.old", build_envelope("h.old", "legacy")) == 1
         message = await recv_json(ws)
@@ -447,10 +436,10 @@ async def test_a_burst_of_resumes_on_many_channels_waits_for_redis_connections(
         for half in (channels[: count // 2], channels[count // 2 :]):
             anchor = await stack.enter_async_context(client(gateway.ws_url))
             for channel in half:
-                await _subscribe(anchor, channel)
+                await subscribe(anchor, channel)
         sockets = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(count)]
         replies = await asyncio.gather(
-            *(_subscribe(ws, channel, {"offset": 0, "epoch": "e"})
+            *(subscribe(ws, channel, {"offset": 0, "epoch": "e"})
               for channel, ws in zip(channels, sockets, strict=True))
         )  # fmt: skip
     assert [reply["op"] for reply in replies] == ["subscribed"] * count
@@ -476,7 +465,7 @@ async def test_a_history_restarted_during_an_outage_is_filled_from_its_new_start
         policy = HistoryPolicy(("h.*",))
         with Publisher(redis_server.url, history=policy) as publisher:
             async with client(gateway.ws_url) as ws:
-                old_epoch = (await _subscribe(ws, "h.reset"))["epoch"]
+                old_epoch = (await subscribe(ws, "h.reset"))["epoch"]
                 for n in (1, 2):
                     publisher.publish("h.reset", n)
                 assert [m["offset"] for m in await _messages(ws, 2)] == [1, 2]

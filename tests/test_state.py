@@ -23,6 +23,7 @@ from tests.harness import (
     expect_silence,
     recv_json,
     request,
+    subscribe,
 )
 
 STATE = {
@@ -67,10 +68,6 @@ async def _publish(ws: ClientConnection, channel: str, *values: Any) -> None:
         assert reply["op"] == "published", reply
 
 
-async def _subscribe(ws: ClientConnection, channel: str, **options: Any) -> dict[str, Any]:
-    return await request(ws, {"op": "subscribe", "channel": channel, "id": 7, **options})
-
-
 @pytest.fixture(params=["memory", "redis", "cluster"])
 def state_gateway(request: pytest.FixtureRequest, gateway_factory: GatewayFactory) -> Any:
     env = dict(STATE)
@@ -88,7 +85,7 @@ async def test_a_late_subscriber_gets_the_latest_value_then_live_ones_without_ga
     async with client(state_gateway.ws_url) as publisher:
         await _publish(publisher, "s.price", 1.0, 1.5, 2.0)
         async with client(state_gateway.ws_url) as late:
-            reply = await _subscribe(late, "s.price")
+            reply = await subscribe(late, "s.price")
             assert (reply["offset"], reply["latest"]) == (3, True), reply
             first = await recv_json(late)
             assert (first["data"], first["offset"], first["epoch"]) == (2.0, 3, reply["epoch"])
@@ -97,7 +94,7 @@ async def test_a_late_subscriber_gets_the_latest_value_then_live_ones_without_ga
             assert [(m["data"], m["offset"]) for m in live] == [(2.5, 4), (3.0, 5)]
             # One more, now that the replica has delivered live messages: from its memory.
             async with client(state_gateway.ws_url) as later:
-                reply = await _subscribe(later, "s.price")
+                reply = await subscribe(later, "s.price")
                 assert (reply["offset"], reply["latest"]) == (5, True)
                 assert (await recv_json(later))["data"] == 3.0
                 await _publish(publisher, "s.price", 3.5)
@@ -107,7 +104,7 @@ async def test_a_late_subscriber_gets_the_latest_value_then_live_ones_without_ga
             await expect_silence(late)
     # A channel with no message yet: nothing follows; the first one comes live.
     async with client(state_gateway.ws_url) as fresh:
-        reply = await _subscribe(fresh, "s.empty")
+        reply = await subscribe(fresh, "s.empty")
         assert (reply["offset"], reply["epoch"], "latest" in reply) == (0, "0", False)
         await expect_silence(fresh)
 
@@ -119,24 +116,24 @@ async def test_options_and_their_errors(gateway_factory: GatewayFactory) -> None
         await _publish(ws, "h.log", "x", "y")
         await _publish(ws, "plain", "p")
         # Resuming a state channel: only the latest, whatever was missed.
-        reply = await _subscribe(ws, "s.doc", since={"offset": 0, "epoch": "0"})
+        reply = await subscribe(ws, "s.doc", since={"offset": 0, "epoch": "0"})
         assert (reply["recovered"], reply["latest"], reply["offset"]) == (True, True, 2)
         assert (await recv_json(ws))["data"] == "b"
         await request(ws, {"op": "unsubscribe", "channel": "s.doc", "id": 1})
-        reply = await _subscribe(ws, "s.doc", since={"offset": 2, "epoch": reply["epoch"]})
+        reply = await subscribe(ws, "s.doc", since={"offset": 2, "epoch": reply["epoch"]})
         assert (reply["recovered"], "latest" in reply) == (True, False)  # it has it already
         await request(ws, {"op": "unsubscribe", "channel": "s.doc", "id": 1})
-        reply = await _subscribe(ws, "s.doc", since={"offset": 1, "epoch": "gone"})
+        reply = await subscribe(ws, "s.doc", since={"offset": 1, "epoch": "gone"})
         assert (reply["recovered"], reply["latest"]) == (False, True)  # another history
         assert (await recv_json(ws))["data"] == "b"
         await request(ws, {"op": "unsubscribe", "channel": "s.doc", "id": 1})
         # Asked for on a history channel; declined on a state channel; meaningless on a plain.
-        reply = await _subscribe(ws, "h.log", latest=True)
+        reply = await subscribe(ws, "h.log", latest=True)
         assert (reply["offset"], reply["latest"]) == (2, True)
         assert (await recv_json(ws))["data"] == "y"
-        reply = await _subscribe(ws, "s.doc", latest=False)
+        reply = await subscribe(ws, "s.doc", latest=False)
         assert (reply["offset"], "latest" in reply) == (2, False)
-        reply = await _subscribe(ws, "plain", latest=True)
+        reply = await subscribe(ws, "plain", latest=True)
         assert set(reply) == {"op", "channel", "id"}
         await expect_silence(ws)
         # Bad options: documented errors, the connection stays.
@@ -167,7 +164,7 @@ async def test_a_thousand_subscribers_arriving_together_cost_one_read(
         before = reads()
         async with contextlib.AsyncExitStack() as stack:
             sockets = [await stack.enter_async_context(client(gateway.ws_url)) for _ in range(1000)]
-            replies = await asyncio.gather(*(_subscribe(ws, "s.board") for ws in sockets))
+            replies = await asyncio.gather(*(subscribe(ws, "s.board") for ws in sockets))
             firsts = await asyncio.gather(*(recv_json(ws) for ws in sockets))
             assert reads() - before == 1  # the first one read; the others had it in memory
             assert {(r["offset"], r["latest"]) for r in replies} == {(2, True)}
