@@ -7,10 +7,12 @@ channel's messages for at most :attr:`Coalescing.window` seconds after its last 
 first message after a quiet spell goes at once); this module decides that window.
 
 - ``adaptive`` (the default) writes through, no window, while the replica has the CPU for it.
-  Ten times a second it is told the replica's load: the share of a core the process used, or
-  the loop's lag when that is worse (a process throttled by its CPU quota uses little and runs
-  late). When the load, smoothed over about half a second, passes ``busy``, the window opens
-  and is steered, in steps in proportion to the distance, to where the load is two thirds of
+  Ten times a second it is told the replica's load: the share of a core the process used
+  plus the share of the time its loop waited for a CPU (a busy neighbour on its core leaves it
+  half: it uses 0.5 of a core while saturated, and waits the other half), or the loop's lag
+  when that is worse (a process throttled by its CPU quota uses little and runs late). When
+  the load, smoothed over about half a second, passes ``busy``, the window opens and is
+  steered, in steps in proportion to the distance, to where the load is two thirds of
   ``busy``: batching only as much as keeps the core out of saturation, never beyond
   ``ceiling``. It closes when that load falls so low that it needs no window, or when a probe
   finds that writing through fits again: every few seconds, if writing through would cost
@@ -109,19 +111,26 @@ class Coalescing:
         return self.busy * 2 / 3
 
     def observe(
-        self, cpu: float, lag: float, interval: float, deliveries: int, writes: int
+        self,
+        cpu: float,
+        lag: float,
+        interval: float,
+        deliveries: int,
+        writes: int,
+        wait: float = 0.0,
     ) -> float:
         """Take one interval's load and return the window from now on.
 
         ``cpu`` is the share of one core the process used over the last ``interval`` seconds,
-        ``lag`` how late the loop ran a timer at its end; ``deliveries`` and ``writes`` are
-        the replica's totals so far (messages handed to clients, socket writes).
+        ``wait`` the share of them its loop waited for a CPU, ``lag`` how late the loop ran a
+        timer at its end; ``deliveries`` and ``writes`` are the replica's totals so far
+        (messages handed to clients, socket writes).
         """
         done, self._deliveries = deliveries - self._deliveries, deliveries
         written, self._writes = writes - self._writes, writes
         if self.mode is not Mode.ADAPTIVE:
             return self.window
-        load = max(cpu, min(1.0, lag / interval))
+        load = max(cpu + wait, min(1.0, lag / interval))
         if self._restore is not None:  # the interval that ended was written through
             if load > self.busy:
                 self.window = self._restore  # it does not fit: hold them again

@@ -256,10 +256,12 @@ class Gateway:
         if self.presence.policy.patterns:
             self._tasks.append(asyncio.create_task(self.presence.serve(), name="presence"))
 
-    def _observe_load(self, lag_seconds: float, cpu: float) -> None:
+    def _observe_load(self, lag_seconds: float, cpu: float, wait: float) -> None:
         self.telemetry.loop_lag.record(lag_seconds)
         stats = self.stats
-        self.hub.coalescing.observe(cpu, lag_seconds, lag.INTERVAL, stats.fanout, stats.writes)
+        self.hub.coalescing.observe(
+            cpu, lag_seconds, lag.INTERVAL, stats.fanout, stats.writes, wait
+        )
 
     def _log_capacity(self) -> None:
         s = self.settings

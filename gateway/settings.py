@@ -124,9 +124,9 @@ class Settings(BaseSettings):
         0.75,
         gt=0,
         le=1,
-        description="share of one core the replica may use before adaptive coalescing holds "
-        "messages: lower trades latency under load for less CPU per delivery; 1 holds them "
-        "only when the core is saturated",
+        description="share of one core the replica may use (or wait for, on a core it "
+        "shares) before adaptive coalescing holds messages: lower trades latency under load "
+        "for less CPU per delivery; 1 holds them only when the core is saturated",
     )
     send_buffer: int | None = Field(
         None,

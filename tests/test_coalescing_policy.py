@@ -23,11 +23,18 @@ class Replica:
         self.policy = policy
         self.deliveries = self.writes = 0
 
-    def run(self, cpu: float, intervals: int = 1, per_write: float = 1, lag: float = 0.0) -> float:
+    def run(
+        self,
+        cpu: float,
+        intervals: int = 1,
+        per_write: float = 1,
+        lag: float = 0.0,
+        wait: float = 0.0,
+    ) -> float:
         for _ in range(intervals):
             self.deliveries += int(1000 * per_write)
             self.writes += 1000
-            self.policy.observe(cpu, lag, INTERVAL, self.deliveries, self.writes)
+            self.policy.observe(cpu, lag, INTERVAL, self.deliveries, self.writes, wait)
         return self.policy.window
 
 
@@ -125,6 +132,14 @@ def test_a_loop_running_late_counts_as_load() -> None:
     """A replica throttled by its CPU quota uses little CPU and runs its timers late."""
     replica = adaptive()
     assert replica.run(0.3, 10, lag=0.09) > 0
+
+
+def test_the_time_a_loop_waits_for_a_shared_core_counts_as_load() -> None:
+    """A busy neighbour on the replica's core: the loop runs half the time and waits for the
+    core the other half, saturated. Its CPU share alone (0.5) looks like headroom."""
+    assert adaptive().run(0.5, 100) == 0
+    assert adaptive().run(0.5, 100, wait=0.2) == 0  # it waits a little: 0.7, under 0.75
+    assert adaptive().run(0.5, 5, wait=0.5) > 0
 
 
 def test_busy_is_a_share_of_one_core() -> None:

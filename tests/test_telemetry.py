@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,8 +176,10 @@ async def test_counters_move_by_exactly_the_expected_amounts(
         # The replica's counters move on its own thread, just after the writes the clients
         # saw: wait for the last of them, then check every one exactly.
         await async_wait_until(
-            lambda: o.metric("wsgateway.messages.malformed") == 2
-            and o.metric("wsgateway.delivery.latency") == 3
+            lambda: (
+                o.metric("wsgateway.messages.malformed") == 2
+                and o.metric("wsgateway.delivery.latency") == 3
+            )
         )
         assert o.metric("wsgateway.messages.received") == 5
         assert o.metric("wsgateway.deliveries") == 6
@@ -399,29 +404,61 @@ def test_no_exporter_means_no_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_the_loop_lag_is_what_a_blocked_loop_makes_a_timer_wait() -> None:
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float]] = []
     watcher = asyncio.create_task(lag.watch(lambda *sample: samples.append(sample), 0.02))
     await asyncio.sleep(0.1)
     time.sleep(0.3)  # noqa: ASYNC251 - on purpose: a callback that keeps the loop 300 ms
     await asyncio.sleep(0.1)
     watcher.cancel()
-    lags = [lag for lag, _ in samples]
+    lags = [lag for lag, _, _ in samples]
     assert max(lags) >= 0.25  # the one due during the block ran that late
     assert sorted(lags)[len(lags) // 2] < 0.02  # the others, on time
 
 
+async def spin(seconds: float) -> None:
+    """Keep the loop busy for ``seconds``, letting its other tasks (the sampler) run."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:  # noqa: ASYNC110 - busy on purpose
+        await asyncio.sleep(0)
+
+
 async def test_the_cpu_share_is_what_the_process_used_between_samples() -> None:
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float]] = []
     watcher = asyncio.create_task(lag.watch(lambda *sample: samples.append(sample), 0.05))
     await asyncio.sleep(0.2)  # idle: the loop sleeps
     idle = len(samples)
-    spin = time.monotonic() + 0.2
-    while time.monotonic() < spin:  # noqa: ASYNC110 - busy 200 ms, letting the sampler run
-        await asyncio.sleep(0)
+    await spin(0.2)
     await asyncio.sleep(0.06)
     watcher.cancel()
-    assert max(cpu for _, cpu in samples[1:idle]) < 0.2
-    assert max(cpu for _, cpu in samples[idle:]) > 0.5
+    assert max(cpu for _, cpu, _ in samples[1:idle]) < 0.2
+    assert max(cpu for _, cpu, _ in samples[idle:]) > 0.5
+
+
+@pytest.mark.skipif(not Path(lag.SCHEDSTAT).exists(), reason="needs Linux's schedstat")
+async def test_the_wait_share_is_the_time_a_shared_core_kept_the_loop_waiting() -> None:
+    """The loop's thread pinned to one CPU beside a busy process pinned there too: busy, it
+    gets about half the core and waits about the other half, which its CPU share alone does
+    not show (it reads 0.5, like a replica at half load); idle, it waits for nothing."""
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # noqa: ASYNC220
+    try:
+        os.sched_setaffinity(neighbour.pid, {core})
+        os.sched_setaffinity(0, {core})  # this thread: the loop's
+        samples: list[tuple[float, float, float]] = []
+        watcher = asyncio.create_task(lag.watch(lambda *sample: samples.append(sample), 0.1))
+        await asyncio.sleep(0.35)
+        idle = len(samples)
+        await spin(0.6)
+        watcher.cancel()
+    finally:
+        os.sched_setaffinity(0, before)
+        neighbour.kill()
+        neighbour.wait()
+    assert max(wait for _, _, wait in samples[:idle]) < 0.1
+    busy = samples[idle + 1 : -1]  # whole intervals of spinning
+    assert busy and all(cpu + wait > 0.9 for _, cpu, wait in busy), busy
+    assert all(wait > 0.25 for _, _, wait in busy), busy
 
 
 def test_a_stopped_replica_shows_its_loop_lag(gateway_factory: GatewayFactory) -> None:
