@@ -24,17 +24,20 @@ from typing import Any
 
 from bench.fanout import SERVER_CPU, bench_redis, medians, run
 
-SUBSCRIBERS, SECONDS = 1000, 6.0
 DESIGNS = ("gateway", "gateway-window")
+#: The neighbour's program: a spin, told apart from any other by its text.
+SPIN = "while 'bench.neighbour': pass"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rates", type=float, nargs="+", default=[100.0, 200.0])
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    neighbour = subprocess.Popen([sys.executable, "-c", SPIN])
     try:
         os.sched_setaffinity(neighbour.pid, {SERVER_CPU})
         with tempfile.TemporaryDirectory() as workdir:
@@ -43,7 +46,9 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for rate in args.rates:
                         for design in DESIGNS:
-                            rows.append(run(design, redis_server, SUBSCRIBERS, rate, SECONDS, 0))
+                            rows.append(
+                                run(design, redis_server, args.subscribers, rate, args.seconds, 0)
+                            )
             finally:
                 redis_server.stop()
     finally:

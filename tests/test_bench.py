@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.fanout import medians, start_server
+from bench.neighbour import SPIN
 from bench.regression import CPU_VS_1WRITE, measure_latency, measure_ratio
 from bench.targets import CPU_VS_GUIDE, OPEN_ISSUES, pick, targets
 from tests.harness import (
@@ -76,6 +77,24 @@ def test_idle_memory_bench_runs() -> None:
     result = bench("bench.idle_memory", "--connections", "50", timeout=100)
     assert result.returncode == 0, result.stderr
     assert "50 idle connections:" in result.stdout and "KiB each" in result.stdout
+
+
+def test_the_neighbour_bench_runs() -> None:
+    """``python -m bench.neighbour``, small: both designs at one rate beside the spinning
+    process, every message delivered, and the spinning process gone afterwards."""
+    result = bench(
+        "bench.neighbour", "--rounds", "1", "--rates", "50", "--subscribers", "40",
+        "--seconds", "1", timeout=100,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(row["design"], row["rate"]) for row in rows] == [
+        ("gateway", 50.0),
+        ("gateway-window", 50.0),
+    ]
+    assert all(row["delivered_share"] == 1.0 for row in rows), rows
+    spinning = subprocess.run(["pgrep", "-f", SPIN], capture_output=True, text=True, check=False)
+    assert spinning.stdout == "", spinning.stdout
 
 
 @pytest.mark.timeout(300)  # about 2 minutes on an idle 2-core machine
