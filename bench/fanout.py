@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,6 +346,17 @@ def bench_redis(workdir: Path) -> RedisServer:
     return redis_server
 
 
+@contextlib.contextmanager
+def scratch_redis() -> Iterator[RedisServer]:
+    """:func:`bench_redis` in a temporary directory, stopped and removed on the way out."""
+    with tempfile.TemporaryDirectory() as workdir:
+        redis_server = bench_redis(Path(workdir))
+        try:
+            yield redis_server
+        finally:
+            redis_server.stop()
+
+
 def sustained(row: dict[str, Any]) -> bool:
     """Kept up: p99 latency under 250 ms and (nearly) every message delivered."""
     p99, share = row["latency_p99_ms"], row["delivered_share"]
@@ -377,12 +389,8 @@ def main() -> None:
         args.until_saturated,
     )
     settings = dict(setting.split("=", 1) for setting in args.set)
-    with tempfile.TemporaryDirectory() as workdir:
-        redis_server = bench_redis(Path(workdir))
-        try:
-            rows = sweep(scenario, redis_server, args.seconds, settings)
-        finally:
-            redis_server.stop()
+    with scratch_redis() as redis_server:
+        rows = sweep(scenario, redis_server, args.seconds, settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report(rows), indent=2) + "\n")
     print()

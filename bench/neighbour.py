@@ -18,11 +18,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from bench.fanout import SERVER_CPU, bench_redis, medians, run
+from bench.fanout import SERVER_CPU, medians, run, scratch_redis
 
 DESIGNS = ("gateway", "gateway-window")
 #: The neighbour's program: a spin, told apart from any other by its text.
@@ -40,17 +38,13 @@ def main() -> None:
     neighbour = subprocess.Popen([sys.executable, "-c", SPIN])
     try:
         os.sched_setaffinity(neighbour.pid, {SERVER_CPU})
-        with tempfile.TemporaryDirectory() as workdir:
-            redis_server = bench_redis(Path(workdir))
-            try:
-                for _ in range(args.rounds):
-                    for rate in args.rates:
-                        for design in DESIGNS:
-                            rows.append(
-                                run(design, redis_server, args.subscribers, rate, args.seconds, 0)
-                            )
-            finally:
-                redis_server.stop()
+        with scratch_redis() as redis_server:
+            for _ in range(args.rounds):
+                for rate in args.rates:
+                    for design in DESIGNS:
+                        rows.append(
+                            run(design, redis_server, args.subscribers, rate, args.seconds, 0)
+                        )
     finally:
         neighbour.kill()
         neighbour.wait()

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.fanout import TICKS, bench_redis, run
+from bench.fanout import TICKS, run, scratch_redis
 
 SUBSCRIBERS, RATE, SECONDS, PAIRS = 1000, 20.0, 6.0, 3
 #: Issue 17's latency targets at 200 msg/s doubled, milliseconds: p50, p99.
@@ -47,17 +46,13 @@ CPU_VS_1WRITE = 0.75
 
 def measure_ratio() -> dict[str, Any]:
     pairs: list[tuple[float, float]] = []
-    with tempfile.TemporaryDirectory() as workdir:
-        redis_server = bench_redis(Path(workdir))
-        try:
-            for _ in range(PAIRS):
-                gateway, guide = (
-                    run(design, redis_server, SUBSCRIBERS, RATE, SECONDS, 0)["cpu_us_per_delivery"]
-                    for design in ("gateway", "guide")
-                )
-                pairs.append((gateway, guide))
-        finally:
-            redis_server.stop()
+    with scratch_redis() as redis_server:
+        for _ in range(PAIRS):
+            gateway, guide = (
+                run(design, redis_server, SUBSCRIBERS, RATE, SECONDS, 0)["cpu_us_per_delivery"]
+                for design in ("gateway", "guide")
+            )
+            pairs.append((gateway, guide))
     ratios = sorted(gateway / guide for gateway, guide in pairs)
     gateway, guide = sorted(pairs, key=lambda pair: pair[0] / pair[1])[len(pairs) // 2]
     return {
@@ -80,18 +75,14 @@ def measure_latency(rounds: int = PAIRS) -> dict[str, Any]:
     the fixed window's median p50 and p99, the bounds they make, and the median CPU ratio."""
     results: list[dict[str, dict[str, Any]]] = []
     steal_before, started = steal_ticks(), time.monotonic()
-    with tempfile.TemporaryDirectory() as workdir:
-        redis_server = bench_redis(Path(workdir))
-        try:
-            for _ in range(rounds):
-                results.append(
-                    {
-                        design: run(design, redis_server, SUBSCRIBERS, 200.0, SECONDS, 0)
-                        for design in ("gateway", "gateway-window", "gateway-1write")
-                    }
-                )
-        finally:
-            redis_server.stop()
+    with scratch_redis() as redis_server:
+        for _ in range(rounds):
+            results.append(
+                {
+                    design: run(design, redis_server, SUBSCRIBERS, 200.0, SECONDS, 0)
+                    for design in ("gateway", "gateway-window", "gateway-1write")
+                }
+            )
     elapsed = time.monotonic() - started
     steal = (steal_ticks() - steal_before) / TICKS / ((os.cpu_count() or 1) * elapsed)
 
