@@ -23,14 +23,16 @@ INTERVAL = 0.1
 SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
-def waited() -> float:
-    """Seconds the calling thread has waited on a run queue for a CPU (Linux; 0 elsewhere).
+def waited(thread: int | None = None) -> float:
+    """Seconds a thread of this process has waited on a run queue for a CPU, in all (Linux;
+    0 elsewhere): the calling thread's, or the one whose native id is ``thread``.
 
     A replica that shares its core with another busy process (a noisy neighbour, a pod beside
     it) gets part of it: its CPU share then reads 0.5 while its loop is saturated, and the
     time it waited for the core is the other half. (Reading it takes microseconds.)"""
+    path = SCHEDSTAT if thread is None else f"/proc/self/task/{thread}/schedstat"
     try:
-        with open(SCHEDSTAT, "rb") as stats:
+        with open(path, "rb") as stats:
             return int(stats.read().split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         return 0.0

@@ -16,6 +16,7 @@ import random
 import re
 import resource
 import socket
+import threading
 import uuid
 import weakref
 from urllib.parse import parse_qs, urlsplit
@@ -179,6 +180,8 @@ class Gateway:
         self.demo_page = settings.demo_page == "on" or (
             settings.demo_page == "auto" and settings.redis_url is None
         )
+        #: The native id of the thread running the replica's loop, once started.
+        self.loop_thread: int | None = None
         self.telemetry.observe(self)
 
     @property
@@ -199,6 +202,7 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        self.loop_thread = threading.get_native_id()
         self._log_capacity()
         await self.hub.backplane.start()
         # A subclass per replica carries its socket options and stall watch, so replicas in

@@ -29,6 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry
 
 import gateway
+from gateway import lag
 from publisher import otlp
 
 if TYPE_CHECKING:
@@ -64,6 +65,13 @@ def by(counts: Callable[[], dict[Any, int]], *names: str) -> Reading:
             yield Observation(value, dict(zip(names, parts, strict=True)))
 
     return observe
+
+
+def loop_waited(replica: Gateway) -> float:
+    """Seconds the thread running the replica's loop has waited for a CPU, in all (0 until the
+    replica starts)."""
+    thread = replica.loop_thread
+    return 0.0 if thread is None else lag.waited(thread)
 
 
 class Telemetry:
@@ -209,6 +217,10 @@ class Telemetry:
             (gauge, "coalescing.window", one(lambda: replica.hub.coalescing.window), "s",
              "how long a channel's messages may wait after its last write to go out together, "
              "now: 0 while the replica has CPU to spare (adaptive), the fixed window (window)"),
+            (counter, "loop.waited", one(lambda: loop_waited(replica)), "s",
+             "time the replica's event loop was ready to run and waited for a CPU: its rate is "
+             "the share of the time a busy neighbour on its core (or a CPU limit) kept it "
+             "waiting, which tells a shared core from too much load when loop.lag rises"),
             (gauge, "backplane.connected", one(lambda: int(backplane.connected)), "1",
              "1 while the backplane is connected"),
             (gauge, "backplane.node.connected",

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -459,6 +460,41 @@ async def test_the_wait_share_is_the_time_a_shared_core_kept_the_loop_waiting() 
     busy = samples[idle + 1 : -1]  # whole intervals of spinning
     assert busy and all(cpu + wait > 0.9 for _, cpu, wait in busy), busy
     assert all(wait > 0.25 for _, _, wait in busy), busy
+
+
+@pytest.mark.skipif(not Path(lag.SCHEDSTAT).exists(), reason="needs Linux's schedstat")
+async def test_the_time_a_replicas_loop_waited_for_a_shared_core_is_a_metric(
+    observed: Observed,
+) -> None:
+    """The replica's loop thread pinned to one CPU beside a busy process: while the loop runs
+    it waits about as long as it runs, and ``wsgateway.loop.waited`` counts it, read from
+    another thread (the metric reader's, here the test's), not that thread's own wait."""
+    replica = observed.replica
+    thread = replica.call(lambda: replica.gateway.loop_thread)
+    assert thread is not None and thread != threading.get_native_id()
+    core = min(os.sched_getaffinity(0))
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # noqa: ASYNC220
+    try:
+        os.sched_setaffinity(neighbour.pid, {core})
+        os.sched_setaffinity(thread, {core})
+        await asyncio.sleep(0.1)
+        before = observed.metric("wsgateway.loop.waited")
+        await asyncio.sleep(0.5)
+        idle = observed.metric("wsgateway.loop.waited") - before
+        replica.call(lambda: burn(0.3))  # the loop runs 0.3 s of CPU beside the neighbour
+        busy = observed.metric("wsgateway.loop.waited") - before - idle
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    assert idle < 0.05, idle
+    assert busy > 0.15, busy
+
+
+def burn(seconds: float) -> None:
+    """Run on the CPU until the calling thread has used ``seconds`` of it."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
 
 
 def test_a_stopped_replica_shows_its_loop_lag(gateway_factory: GatewayFactory) -> None:
