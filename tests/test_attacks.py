@@ -256,9 +256,14 @@ def test_resumers_that_do_not_read_hold_shared_messages_until_cut_off(
     )
     assert report["connected"] == 20, report
     assert sampler.growth_mib() < 64, sampler.samples[-5:]
-    assert gateway.metric(
-        "wsgateway_connections_closed_total", websocket_close_code="1013", reason="slow_consumer"
-    ) == 20
+    assert (
+        gateway.metric(
+            "wsgateway_connections_closed_total",
+            websocket_close_code="1013",
+            reason="slow_consumer",
+        )
+        == 20
+    )
     assert_canary_unharmed(observed)
 
 

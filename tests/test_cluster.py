@@ -276,6 +276,7 @@ async def test_a_silent_node_connection_is_detected_and_replaced(
         node.command("CLIENT", "PAUSE", "60000", "WRITE")  # SPUBLISH, the probe, waits too
         try:
             await asyncio.to_thread(wait_until, lambda: "is silent" in gateway.logs(), 10)
+
             # Not ready, naming the node. A replacement connection counts as up until its own
             # probe times out (0.8 s here), so readiness may flicker to 200 in between: wait
             # for the answer rather than read it once.

@@ -91,10 +91,18 @@ GOOD = {"v": 1, "channel": "news", "data": {"a": 1}, "mid": "m", "ts": 5}
         (json.dumps({**GOOD, "channel": "sports"}).encode(), "channel"),
         # What the decoder cannot handle.
         (json.dumps({**GOOD, "data": "x" * MAX_BYTES}).encode(), "size"),
-        (b'{"v":1,"channel":"news","data":' + b"[" * 3000 + b"]" * 3000 + b',"mid":"m","ts":5}',
-         "depth"),
-        (b'{"v":1,"channel":"news","data":' + b'{"a":' * 3000 + b"1" + b"}" * 3000
-         + b',"mid":"m","ts":5}', "depth"),
+        (
+            b'{"v":1,"channel":"news","data":' + b"[" * 3000 + b"]" * 3000 + b',"mid":"m","ts":5}',
+            "depth",
+        ),
+        (
+            b'{"v":1,"channel":"news","data":'
+            + b'{"a":' * 3000
+            + b"1"
+            + b"}" * 3000
+            + b',"mid":"m","ts":5}',
+            "depth",
+        ),
     ],
 )
 def test_decode_refuses_malformed(payload: bytes, reason: str) -> None:
