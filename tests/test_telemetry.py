@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -423,6 +424,25 @@ async def spin(seconds: float) -> None:
         await asyncio.sleep(0)
 
 
+def burn(seconds: float) -> None:
+    """Run on the CPU until the calling thread has used ``seconds`` of it."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
+
+
+@contextlib.contextmanager
+def busy_neighbour(core: int) -> Iterator[None]:
+    """A process spinning on CPU ``core`` for as long as the block lasts."""
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(neighbour.pid, {core})
+        yield
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+
+
 async def test_the_cpu_share_is_what_the_process_used_between_samples() -> None:
     samples: list[tuple[float, float, float]] = []
     watcher = asyncio.create_task(lag.watch(lambda *sample: samples.append(sample), 0.05))
@@ -442,20 +462,17 @@ async def test_the_wait_share_is_the_time_a_shared_core_kept_the_loop_waiting() 
     not show (it reads 0.5, like a replica at half load); idle, it waits for nothing."""
     before = os.sched_getaffinity(0)
     core = min(before)
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # noqa: ASYNC220
-    try:
-        os.sched_setaffinity(neighbour.pid, {core})
+    with busy_neighbour(core):
         os.sched_setaffinity(0, {core})  # this thread: the loop's
-        samples: list[tuple[float, float, float]] = []
-        watcher = asyncio.create_task(lag.watch(lambda *sample: samples.append(sample), 0.1))
-        await asyncio.sleep(0.35)
-        idle = len(samples)
-        await spin(0.6)
-        watcher.cancel()
-    finally:
-        os.sched_setaffinity(0, before)
-        neighbour.kill()
-        neighbour.wait()
+        try:
+            samples: list[tuple[float, float, float]] = []
+            watcher = asyncio.create_task(lag.watch(lambda *sample: samples.append(sample), 0.1))
+            await asyncio.sleep(0.35)
+            idle = len(samples)
+            await spin(0.6)
+            watcher.cancel()
+        finally:
+            os.sched_setaffinity(0, before)
     assert max(wait for _, _, wait in samples[:idle]) < 0.1
     busy = samples[idle + 1 : -1]  # whole intervals of spinning
     assert busy and all(cpu + wait > 0.9 for _, cpu, wait in busy), busy
@@ -473,9 +490,7 @@ async def test_the_time_a_replicas_loop_waited_for_a_shared_core_is_a_metric(
     thread = replica.call(lambda: replica.gateway.loop_thread)
     assert thread is not None and thread != threading.get_native_id()
     core = min(os.sched_getaffinity(0))
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # noqa: ASYNC220
-    try:
-        os.sched_setaffinity(neighbour.pid, {core})
+    with busy_neighbour(core):
         os.sched_setaffinity(thread, {core})
         await asyncio.sleep(0.1)
         before = observed.metric("wsgateway.loop.waited")
@@ -483,18 +498,8 @@ async def test_the_time_a_replicas_loop_waited_for_a_shared_core_is_a_metric(
         idle = observed.metric("wsgateway.loop.waited") - before
         replica.call(lambda: burn(0.3))  # the loop runs 0.3 s of CPU beside the neighbour
         busy = observed.metric("wsgateway.loop.waited") - before - idle
-    finally:
-        neighbour.kill()
-        neighbour.wait()
     assert idle < 0.05, idle
     assert busy > 0.15, busy
-
-
-def burn(seconds: float) -> None:
-    """Run on the CPU until the calling thread has used ``seconds`` of it."""
-    until = time.thread_time() + seconds
-    while time.thread_time() < until:
-        pass
 
 
 def test_a_stopped_replica_shows_its_loop_lag(gateway_factory: GatewayFactory) -> None:
