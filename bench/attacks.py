@@ -20,7 +20,10 @@ Attacks:
   nested too deeply to decode), with subscribers of it on the gateway;
 * ``resume``: clients that subscribe to a history channel with ``since`` (offset 0, or
   ``--behind`` messages behind its top) all at once, reading their replay or (``--no-read``)
-  never reading it.
+  never reading it;
+* ``deltas``: a publisher of documents of ``--size`` bytes that change entirely, ``--rate``
+  a second, on a channel whose ``--clients`` subscribers take Fossil deltas (each delta
+  costs the replica's loop a search through the whole text).
 """
 
 from __future__ import annotations
@@ -391,6 +394,44 @@ async def publish(args: argparse.Namespace, counts: Counts, stop: asyncio.Event)
             task.cancel()
 
 
+async def deltas(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """Large documents that change entirely, published through Redis (appended: the
+    channel keeps history) to subscribers that asked for deltas."""
+    from websockets.asyncio.client import connect
+
+    from publisher import AsyncPublisher
+
+    subscribed = asyncio.Event()
+
+    async def follow() -> None:
+        async with connect(args.url, ping_interval=None, max_size=None) as ws:
+            subscribe = {"op": "subscribe", "channel": args.channel, "delta": "fossil"}
+            await ws.send(json.dumps(subscribe))
+            async for text in ws:
+                frame = json.loads(text)
+                if frame.get("op") == "message":
+                    counts["messages"] += 1
+                    counts["deltas" if frame.get("delta") else "fulls"] += 1
+                elif frame.get("op") == "subscribed":
+                    counts["subscribed"] += 1
+                    if counts["subscribed"] == args.clients:
+                        subscribed.set()
+
+    followers = [asyncio.create_task(follow()) for _ in range(args.clients)]
+    try:
+        async with AsyncPublisher(args.redis) as publisher:
+            await subscribed.wait()
+            while not stop.is_set():
+                document = {"text": os.urandom(args.size // 2).hex()}
+                counts["published"] += 1  # (the last may be cut short by the stop)
+                await publisher.append(args.channel, document)
+                await asyncio.sleep(1 / args.rate)
+    finally:
+        await asyncio.sleep(1)  # the last messages on their way
+        for task in followers:
+            task.cancel()
+
+
 ATTACKS = {
     "bombs": bombs,
     "headers": headers,
@@ -401,6 +442,7 @@ ATTACKS = {
     "channels": channels,
     "churn": churn,
     "resume": resume,
+    "deltas": deltas,
 }
 
 
@@ -438,10 +480,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--inflated", type=int, default=100 << 20, help="bombs: bytes inflated")
     parser.add_argument("--channel", default="h.storm", help="resume, publish")
-    parser.add_argument("--redis", help="publish: the Redis URL to publish through")
-    parser.add_argument("--size", type=int, default=100, help="publish: bytes of padding")
+    parser.add_argument("--redis", help="publish, deltas: the Redis URL to publish through")
+    parser.add_argument(
+        "--size", type=int, default=100, help="publish: bytes of padding; deltas: of a document"
+    )
     parser.add_argument("--deep", action="store_true", help="publish: malformed, too deep")
-    parser.add_argument("--rate", type=float, default=0, help="publish: a second (0: no limit)")
+    parser.add_argument(
+        "--rate", type=float, default=0, help="publish, deltas: a second (publish: 0, no limit)"
+    )
     parser.add_argument("--no-read", action="store_true", help="resume")
     parser.add_argument(
         "--behind", type=int, default=0, help="resume: this many messages behind (0: offset 0)"

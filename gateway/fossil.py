@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from typing import overload
 
 __all__ = ["DeltaError", "apply", "checksum", "create"]
 
@@ -67,13 +68,26 @@ def _common(a: bytes, i: int, b: bytes, j: int) -> int:
     return length
 
 
-def create(source: bytes, target: bytes) -> bytes:
-    """A delta that turns ``source`` into ``target``; valid UTF-8 when ``target`` is."""
+@overload
+def create(source: bytes, target: bytes) -> bytes: ...
+
+
+@overload
+def create(source: bytes, target: bytes, max_insert: int) -> bytes | None: ...
+
+
+def create(source: bytes, target: bytes, max_insert: int | None = None) -> bytes | None:
+    """A delta that turns ``source`` into ``target``; valid UTF-8 when ``target`` is.
+
+    With ``max_insert``, None as soon as more than that many bytes of the target are found
+    in no copy of the source: the delta would save little, and each such byte costs the
+    search a lookup (about 0.1 us), where the rest is compared by the slice."""
     parts = [_number(len(target)), b"\n"]
     blocks: dict[bytes, int] = {}
     for start in range(0, len(source) - BLOCK + 1, BLOCK):
         blocks.setdefault(source[start : start + BLOCK], start)
     pending = 0  # where the bytes not yet copied or inserted start
+    budget = len(target) if max_insert is None else max_insert  # inserts left to make
     j = 0
     last = len(target) - BLOCK
     get = blocks.get
@@ -81,6 +95,8 @@ def create(source: bytes, target: bytes) -> bytes:
         i = get(target[j : j + BLOCK])
         if i is None:
             j += 1
+            if j - pending > budget:
+                return None
             continue
         back = 0
         while j - back > pending and i - back > 0 and target[j - back - 1] == source[i - back - 1]:
@@ -97,10 +113,13 @@ def create(source: bytes, target: bytes) -> bytes:
             j += 1
             continue
         if start > pending:
+            budget -= start - pending
             parts += (_number(start - pending), b":", target[pending:start])
         parts += (_number(count), b"@", _number(i - back), b",")
         j = pending = start + count
     if pending < len(target):
+        if len(target) - pending > budget:
+            return None
         parts += (_number(len(target) - pending), b":", target[pending:])
     parts += (_number(checksum(target)), b";")
     return b"".join(parts)

@@ -38,7 +38,7 @@ from gateway.backlog import Backlog
 from gateway.backoff import full_jitter
 from gateway.backplane import Backplane, BackplaneUnavailable, OnMessage
 from gateway.coalescing import Coalescing, gathered, next_gap
-from gateway.deltas import DeltaChain
+from gateway.deltas import Deltas, Variant, full_texts, texts
 from gateway.envelope import Envelope, MalformedEnvelope, decode_envelope
 from gateway.history import (
     EMPTY_EPOCH,
@@ -82,16 +82,12 @@ class _Channel:
         "batch",
         "batch_bytes",
         "catching",
-        "chain",
         "cursor",
         "decoded",
-        "delta_wanted",
         "deltas",
-        "diffs",
         "due",
         "fetch",
         "flush",
-        "fulls",
         "gap",
         "held",
         "joining",
@@ -152,27 +148,24 @@ class _Channel:
         # The read in flight that brings the newest message, which more subscribers that
         # want only that can share.
         self.latest_read: _Read | None = None
-        # Subscribers that take deltas (gateway.deltas), apart from the members: each with
-        # its outbox's drop count when it was last sent a message of the chain (in sync as
-        # long as that has not changed), or -1: its next message is the full text. The
-        # waiting messages as full texts and as deltas, beside the batch. All made with the
-        # first such subscriber: a channel without them pays a few empty slots.
-        self.delta_wanted: dict[Session, None] | None = None
-        self.deltas: dict[Session, int] | None = None
-        self.chain: DeltaChain | None = None
-        self.fulls: list[Outbound] = []
-        self.diffs: list[Outbound] = []
+        # The subscribers that take deltas (apart from the members), the chain of texts and
+        # the batch's variants (gateway.deltas); made with the first such subscriber and
+        # gone with the last, so a channel without them pays one empty slot.
+        self.deltas: Deltas | None = None
 
     @property
     def active(self) -> bool:
-        return bool(self.members or self.deltas or self.waiting or self.catching)
+        deltas = self.deltas
+        return bool(self.members or (deltas and deltas.synced) or self.waiting or self.catching)
+
+    def wants_deltas(self, session: Session) -> bool:
+        return self.deltas is not None and session in self.deltas.wanted
 
     def admit(self, session: Session) -> None:
         """``session`` receives the channel's messages from now on."""
-        if self.delta_wanted and session in self.delta_wanted:
-            if self.deltas is None:
-                self.deltas = {}
-            self.deltas[session] = -1  # its first message: the full text
+        deltas = self.deltas
+        if deltas is not None and session in deltas.wanted:
+            deltas.synced[session] = -1  # its first message of the chain: the full text
         else:
             self.members[session] = None
 
@@ -180,7 +173,7 @@ class _Channel:
 class _Read:
     """One read of a channel's history, shared by the subscribers that asked together."""
 
-    __slots__ = ("after", "done", "kept", "messages", "page")
+    __slots__ = ("after", "done", "kept", "kept_texts", "messages", "page")
 
     def __init__(self, after: int, messages: int) -> None:
         self.after = after
@@ -189,6 +182,8 @@ class _Read:
         #: A read that brings the newest message: what the channel delivered since it
         #: started, for subscribers who join it while it is in flight.
         self.kept: list[Outbound] = []
+        #: The same, as subscribers that take deltas keep them (the chain's as full texts).
+        self.kept_texts: list[Outbound] = []
         #: The entries decoded and framed once for all readers (None: malformed).
         self.page: Page[Outbound | None] = Page(None, 0)
 
@@ -272,10 +267,13 @@ class Hub:
         max_envelope_bytes: int,
         backlog: Backlog,
         deltas: tuple[str, ...] = (),
+        delta_max_bytes: int = 65536,
     ) -> None:
         self.stats = stats
-        #: Patterns of the history channels whose subscribers may take deltas.
+        #: Patterns of the history channels whose subscribers may take deltas, and the
+        #: largest text a delta is made of or against.
         self.delta_patterns = deltas
+        self.delta_max_bytes = delta_max_bytes
         self._backlog = backlog
         self._drain: asyncio.Handle | None = None
         self._shed_log = Throttle()
@@ -312,7 +310,14 @@ class Hub:
 
     def subscribers(self, channel: str) -> int:
         local = self._channels.get(channel)
-        return len(local.members) + len(local.deltas or ()) if local is not None else 0
+        if local is None:
+            return 0
+        return len(local.members) + (len(local.deltas.synced) if local.deltas else 0)
+
+    def takes_deltas(self, session: Session, channel: str) -> bool:
+        """Whether ``session``'s subscription to ``channel`` takes deltas."""
+        local = self._channels.get(channel)
+        return local is not None and local.wants_deltas(session)
 
     def dispatch(self, channel: str, payload: bytes) -> None:
         """Queue one envelope for the local subscribers of ``channel``. Never blocks.
@@ -384,16 +389,8 @@ class Hub:
         item = message(envelope)
         local.batch.append(item)
         local.batch_bytes += len(item)
-        if local.deltas:  # once for all of them, whoever they are
-            if envelope.offset is None or envelope.event is not None:
-                local.fulls.append(item)  # not part of the chain: as everybody gets it
-                local.diffs.append(item)
-            else:
-                if local.chain is None:
-                    local.chain = DeltaChain()
-                full, diff = local.chain.add(envelope)
-                local.fulls.append(full)
-                local.diffs.append(diff or full)
+        if local.deltas is not None:  # once for all of them, whoever they are
+            local.deltas.accept(envelope, len(local.batch) - 1)
         telemetry = self.telemetry
         if telemetry is not None and telemetry.tracer is not None:
             local.received.append((envelope, time.time_ns()))
@@ -442,8 +439,8 @@ class Hub:
         for local in due:
             if local.batch:
                 counts.update(iter(local.members))
-                if local.deltas:
-                    counts.update(iter(local.deltas))
+                if local.deltas is not None:
+                    counts.update(iter(local.deltas.synced))
         shared: Shared = {session: [] for session, n in counts.items() if n > 1}
         for local in due:
             self._write(local, shared or None)
@@ -568,19 +565,26 @@ class Hub:
         frame = batch[0].frame if len(batch) == 1 else b"".join([item.frame for item in batch])
         # The last span is the current one while writing, so log lines carry its trace id.
         scope = telemetry.active(spans[-1]) if telemetry and spans else contextlib.nullcontext()
+        deltas = local.deltas
+        variants = deltas.take(len(batch)) if deltas is not None else None
         with scope:
             writes = _deliver(members, batch, frame, shared)
-            if local.deltas:
-                writes += self._deliver_deltas(local, batch, frame, shared)
+            if deltas is not None and deltas.synced:
+                assert variants is not None
+                for group, items, joined in deltas.groups(batch, variants, frame):
+                    writes += _deliver(group, items, joined, shared)
             if local.waiting:
-                for kept in local.waiting.values():
-                    kept.extend(batch)
+                # Not live yet: whoever takes deltas keeps the chain's messages as full texts.
+                fulls = full_texts(batch, variants) if variants is not None else batch
+                for session, kept in local.waiting.items():
+                    kept.extend(fulls if local.wants_deltas(session) else batch)
                 if local.latest_read is not None:
                     local.latest_read.kept.extend(batch)
+                    local.latest_read.kept_texts.extend(fulls)
             if local.catching:
-                self._deliver_catching(local, batch)
+                self._deliver_catching(local, batch, variants)
         self.stats.writes += writes
-        self.stats.fanout += (len(members) + len(local.deltas or ())) * len(batch)
+        self.stats.fanout += (len(members) + (len(deltas.synced) if deltas else 0)) * len(batch)
         local.last_write = asyncio.get_running_loop().time()
         if telemetry is None:
             return
@@ -593,58 +597,35 @@ class Hub:
             span.end()
 
     @staticmethod
-    def _deliver_deltas(
-        local: _Channel, batch: list[Outbound], frame: bytes, shared: Shared | None
-    ) -> int:
-        """Subscribers that take deltas get the batch's messages as deltas if they hold the
-        message before them, else the first one as its full text and deltas after it; return
-        the direct writes made. ``frame`` is the batch joined, as plain members get it."""
-        fulls, diffs = local.fulls, local.diffs
-        local.fulls, local.diffs = [], []
-        # Messages accepted before anyone took deltas have only their plain frames.
-        head = batch[: len(batch) - len(fulls)]
-        in_sync = head + diffs
-        resync: list[Outbound] = list(head)
-        chained = False
-        for full, diff, plain in zip(fulls, diffs, batch[len(head) :], strict=True):
-            if full is plain:  # an event, or unnumbered: not part of the chain
-                resync.append(plain)
-            else:
-                resync.append(diff if chained else full)
-                chained = True
-        deltas = local.deltas
-        assert deltas is not None
-        holding: dict[Session, None] = {}  # the message before the batch: deltas
-        behind: dict[Session, None] = {}  # unsure: the full text first
-        for session, seen in deltas.items():
-            outbox = session.outbox
-            dropped = outbox.dropped if outbox is not None else 0
-            (holding if seen == dropped else behind)[session] = None
-            if chained:
-                # Its drop count before this batch: if the queue drops any of it (drop-oldest,
-                # drop-newest), the count differs next time and it gets the full text.
-                deltas[session] = dropped
-        writes = 0
-        for group, items in ((holding, in_sync), (behind, resync)):
-            if group:  # without a message of the chain, both are the plain batch
-                joined = b"".join([item.frame for item in items]) if chained else frame
-                writes += _deliver(group, items, joined, shared)
-        return writes
-
-    @staticmethod
-    def _deliver_catching(local: _Channel, batch: list[Outbound]) -> None:
-        """Subscribers that resumed ahead of the channel get only what follows their start."""
+    def _deliver_catching(
+        local: _Channel, batch: list[Outbound], variants: list[Variant | None] | None
+    ) -> None:
+        """Subscribers that resumed ahead of the channel get only what follows their start
+        (those that take deltas, the chain's first message as its full text)."""
         cursor = local.cursor
         for session, (epoch, start) in list(local.catching.items()):
             same_epoch = cursor is not None and cursor.epoch == epoch
-            items = (
-                [i for i in batch if i.offset is None or i.offset > start] if same_epoch else batch
-            )
+            wanted = [
+                index
+                for index, item in enumerate(batch)
+                if not same_epoch or item.offset is None or item.offset > start
+            ]
+            items = [batch[index] for index in wanted]
+            deltas = local.deltas
+            takes_deltas = deltas is not None and session in deltas.wanted
+            if takes_deltas and variants is not None:
+                items = texts(items, [variants[index] for index in wanted], holding=False)
+            outbox = session.outbox
+            drops = outbox.dropped if outbox is not None else 0
             if items:
                 session.deliver(items, b"".join([item.frame for item in items]))
             if not same_epoch or (cursor is not None and (cursor.offset or 0) >= start):
                 del local.catching[session]
-                local.admit(session)
+                if takes_deltas:
+                    assert deltas is not None
+                    deltas.admit(session, items, drops)
+                else:
+                    local.admit(session)
 
     def _log_shed(self) -> None:
         if self._shed_log.ready():
@@ -734,9 +715,9 @@ class Hub:
             local.members[session] = None
             return None
         if delta and self.allows_delta(channel):
-            if local.delta_wanted is None:
-                local.delta_wanted = {}
-            local.delta_wanted[session] = None
+            if local.deltas is None:
+                local.deltas = Deltas(self.delta_max_bytes)
+            local.deltas.wanted[session] = None
         if latest is None:
             latest = self.backplane.history_policy.is_state(channel)
         return await self._join_history(session, local, since, latest)
@@ -750,7 +731,9 @@ class Hub:
             return joined
         in_flight = local.latest_read if latest_only else None
         # Joining a read in flight, it keeps what the read has seen delivered since it started.
-        kept: list[Outbound] = list(in_flight.kept) if in_flight is not None else []
+        kept: list[Outbound] = []
+        if in_flight is not None:
+            kept = list(in_flight.kept_texts if local.wants_deltas(session) else in_flight.kept)
         local.waiting[session] = kept
         if latest_only:  # the newest entry, whatever the position: one message
             after, messages = 0, 1
@@ -904,10 +887,10 @@ class Hub:
         local = self._channels.get(channel)
         if local is not None:
             local.members.pop(session, None)
-            if local.deltas:
-                local.deltas.pop(session, None)
-            if local.delta_wanted:
-                local.delta_wanted.pop(session, None)
+            if local.deltas is not None:
+                local.deltas.leave(session)
+                if not local.deltas.wanted:
+                    local.deltas = None  # the chain's text and any variants with it
             local.joining.discard(session)
             local.waiting.pop(session, None)
             local.catching.pop(session, None)

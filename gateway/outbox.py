@@ -9,6 +9,12 @@ A replay (the messages a resuming client missed) waits in the outbox as one entr
 taken page by page as the client's transport drains. Its messages belong to that shared
 list, so they do not count against the client's byte bound; the entry counts as one
 message, and what arrives after it waits behind it, within the bounds.
+
+A delta (:class:`~gateway.protocol.Text` with a ``full`` text) is useless to a client that
+did not get the message before it in its chain. So when the outbox drops a message of a
+chain, the next message of that chain it holds, if a delta, is swapped for its full text;
+if it holds none, the next one pushed is. (Once the outbox is empty, the hub's own check
+takes over: it sends the full text to a client whose queue dropped anything since.)
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from gateway.protocol import Outbound
+from gateway.protocol import Outbound, Text
 from gateway.settings import SlowConsumerPolicy
 
 __all__ = ["Outbox", "Replay"]
@@ -46,7 +52,7 @@ class Replay:
 
 
 class Outbox:
-    __slots__ = ("_items", "bytes", "dropped", "max_bytes", "max_messages", "policy")
+    __slots__ = ("_broken", "_items", "bytes", "dropped", "max_bytes", "max_messages", "policy")
 
     def __init__(self, max_messages: int, max_bytes: int, policy: SlowConsumerPolicy) -> None:
         self.max_messages = max_messages
@@ -55,6 +61,9 @@ class Outbox:
         self._items: deque[Outbound | Replay] = deque()
         self.bytes = 0
         self.dropped = 0  # messages lost to drop-oldest / drop-newest
+        #: Chains whose last message given to the outbox was dropped (None while there is
+        #: none): their next delta goes as its full text.
+        self._broken: set[object] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -72,6 +81,7 @@ class Outbox:
 
     def push(self, item: Outbound) -> bool:
         """Queue ``item``; return False when the client must be closed (policy ``close``)."""
+        item = self._based(item)
         size = len(item)
         if self._fits(size):
             self._append(item, size)
@@ -79,10 +89,16 @@ class Outbox:
         if self.policy == "close":
             return False
         if self.policy == "drop-newest" or size > self.max_bytes:
-            self.dropped += 1
+            self._lose(item)
             return True
         while self._items and not self._fits(size):
             self._drop_oldest()
+            # What was dropped may have been the message before it.
+            item = self._based(item)
+            size = len(item)
+        if size > self.max_bytes:  # a delta become its full text, too large after all
+            self._lose(item)
+            return True
         self._append(item, size)
         return True
 
@@ -95,14 +111,44 @@ class Outbox:
     def _append(self, item: Outbound, size: int) -> None:
         self._items.append(item)
         self.bytes += size
+        if self._broken and isinstance(item, Text):
+            self._broken.discard(item.chain)
+
+    def _based(self, item: Outbound) -> Outbound:
+        """``item``, or its full text if it is a delta whose base was dropped."""
+        broken = self._broken
+        if broken and isinstance(item, Text) and item.full is not None and item.chain in broken:
+            return item.full
+        return item
+
+    def _lose(self, item: Outbound) -> None:
+        """``item`` arrived and was not queued: the next of its chain cannot be a delta."""
+        self.dropped += 1
+        if isinstance(item, Text):
+            if self._broken is None:
+                self._broken = set()
+            self._broken.add(item.chain)
 
     def _drop_oldest(self) -> None:
         oldest = self._items.popleft()
         if isinstance(oldest, Replay):
             self.dropped += len(oldest)
-        else:
-            self.bytes -= len(oldest)
-            self.dropped += 1
+            return
+        self.bytes -= len(oldest)
+        self.dropped += 1
+        if not isinstance(oldest, Text):
+            return
+        # The next message of its chain, if queued and a delta, goes as its full text.
+        items = self._items
+        for index, queued in enumerate(items):
+            if isinstance(queued, Text) and queued.chain is oldest.chain:
+                if queued.full is not None:
+                    items[index] = queued.full
+                    self.bytes += len(queued.full) - len(queued)
+                return
+        if self._broken is None:
+            self._broken = set()
+        self._broken.add(oldest.chain)
 
     def pop_batch(self, max_bytes: int) -> list[Outbound]:
         """Take queued messages in order, at least one and then up to ``max_bytes`` in all.
@@ -126,6 +172,8 @@ class Outbox:
             total += len(head)
             batch.append(head)
         self.bytes -= total
+        if not items:
+            self._broken = None  # the hub's check takes over
         return batch
 
     def clear(self) -> int:
@@ -133,4 +181,5 @@ class Outbox:
         count = sum(len(item) if isinstance(item, Replay) else 1 for item in self._items)
         self._items.clear()
         self.bytes = 0
+        self._broken = None
         return count

@@ -28,6 +28,7 @@ __all__ = [
     "RequestError",
     "Since",
     "Subscribe",
+    "Text",
     "Unsubscribe",
     "error",
     "message",
@@ -236,6 +237,28 @@ class Outbound:
         return len(self.frame)
 
 
+class Text(Outbound):
+    """A message of a delta channel's chain as JSON text, for the subscribers that take
+    deltas: its full text, or a delta against the chain's message before it, with the full
+    text (``full``) to send instead when that message may not have reached the client.
+    ``chain`` tells which channel's chain it belongs to (a queue that drops one of its
+    messages sends the next as its full text)."""
+
+    __slots__ = ("chain", "full")
+
+    def __init__(
+        self,
+        text: bytes,
+        ts: int | None,
+        offset: int | None,
+        chain: object,
+        full: Text | None = None,
+    ) -> None:
+        super().__init__(text, ts, offset)
+        self.chain = chain
+        self.full = full
+
+
 class _Message(msgspec.Struct):
     op: str
     channel: str
@@ -356,9 +379,13 @@ def message(envelope: Envelope) -> Outbound:
     return Outbound(_encode(frame), envelope.ts, envelope.offset)
 
 
-def text_message(envelope: Envelope, text: bytes, *, delta: bool) -> Outbound:
+def text_message(
+    envelope: Envelope, text: bytes, *, delta: bool, chain: object, full: Text | None = None
+) -> Text:
     """The ``message`` frame of a history channel's message for a subscriber that takes
-    deltas: ``text`` is the data's JSON text, or (``delta``) a Fossil delta making it."""
+    deltas: ``text`` is the data's JSON text, or (``delta``) a Fossil delta making it from
+    the chain's previous message, whose ``full`` text goes instead when the client may not
+    hold that one."""
     assert envelope.offset is not None and envelope.epoch is not None
     frame = _TextMessage(
         "message",
@@ -370,7 +397,7 @@ def text_message(envelope: Envelope, text: bytes, *, delta: bool) -> Outbound:
         envelope.epoch,
         delta,
     )
-    return Outbound(_encode(frame), envelope.ts, envelope.offset)
+    return Text(_encode(frame), envelope.ts, envelope.offset, chain, full)
 
 
 def subscribed(

@@ -114,6 +114,7 @@ class Gateway:
             max_envelope_bytes=settings.max_envelope_bytes,
             backlog=Backlog(settings.backlog_messages, settings.backlog_bytes),
             deltas=settings.patterns(settings.delta_channels),
+            delta_max_bytes=settings.delta_max_bytes,
         )
         self.auth = _authenticator(settings)
         self.limits = Limits(
@@ -607,10 +608,11 @@ class Gateway:
         except BackplaneUnavailable as exc:
             raise RequestError(ErrorCode.UNAVAILABLE, str(exc), request_id) from None
         if joined is None:
-            # Already subscribed (nothing was missed), or not a history channel (nothing can
-            # be resumed).
+            # Already subscribed (nothing was missed; the reply says what the subscription
+            # is), or not a history channel (nothing can be resumed).
             recovered = False if since is not None and not already else None
-            session.send(subscribed(channel, request_id, recovered=recovered))
+            takes_deltas = already and self.hub.takes_deltas(session, channel)
+            session.send(subscribed(channel, request_id, recovered=recovered, delta=takes_deltas))
             return
         recovery = joined.recovery
         session.send(

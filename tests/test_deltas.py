@@ -4,13 +4,17 @@ documents to one that receives full messages, through gaps, a replica kill and a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import threading
+import time
 from typing import Any
 
 import msgspec
 import pytest
 import redis
+from websockets.frames import Frame
 
 from gateway import fossil
 from gateway.client import Client, Message
@@ -53,7 +57,7 @@ def document(version: int) -> dict[str, Any]:
 
 
 def test_a_chain_makes_deltas_only_for_consecutive_messages() -> None:
-    chain = DeltaChain()
+    chain = DeltaChain(65536)
 
     def envelope(offset: int, epoch: str = "e") -> Any:
         payload = build_envelope("doc.1", document(offset))
@@ -198,18 +202,30 @@ async def test_a_base_that_went_wrong_makes_the_client_resume_not_show_garbage(
     assert seen == [document(v) for v in (1, 2, 3)]
 
 
+@pytest.mark.parametrize(
+    ("policy", "bound"),
+    [
+        ("drop-oldest", {"GATEWAY_QUEUE_MAX_MESSAGES": "3"}),
+        ("drop-oldest", {"GATEWAY_QUEUE_MAX_BYTES": "2048"}),
+        ("drop-newest", {"GATEWAY_QUEUE_MAX_BYTES": "2048"}),
+    ],
+    ids=["drop-oldest-messages", "drop-oldest-bytes", "drop-newest-bytes"],
+)
 def test_a_subscriber_whose_queue_dropped_messages_gets_a_full_text_next(
-    redis_server: RedisServer, gateway_factory: GatewayFactory
+    redis_server: RedisServer, gateway_factory: GatewayFactory, policy: str, bound: dict[str, str]
 ) -> None:
-    """With drop-oldest, a slow subscriber's queue loses messages, deltas among them: every
-    delta it does receive applies to the text it holds, because after a drop the gateway
-    sends the full text."""
+    """A slow subscriber's queue loses messages, deltas among them: every delta it does
+    receive applies to the text it holds. After a drop the gateway sends the full text, and
+    a queue that drops a message swaps the delta queued after it for its full text. (Before,
+    with a byte bound below a document's size, a third of the deltas a slow reader got were
+    made against a message its queue had dropped: the full text that began a batch did not
+    fit, the deltas after it did.)"""
     gateway = gateway_factory(
         {
             **DELTAS,
+            **bound,
             "GATEWAY_REDIS_URL": redis_server.url,
-            "GATEWAY_SLOW_CONSUMER_POLICY": "drop-oldest",
-            "GATEWAY_QUEUE_MAX_MESSAGES": "3",
+            "GATEWAY_SLOW_CONSUMER_POLICY": policy,
             "GATEWAY_WRITE_LIMIT": "4096",
             "GATEWAY_SEND_BUFFER": "4096",
         }
@@ -217,20 +233,190 @@ def test_a_subscriber_whose_queue_dropped_messages_gets_a_full_text_next(
     slow = RawClient(gateway.ws_url, rcvbuf=4096)
     slow.send_text(b'{"op":"subscribe","channel":"doc.s","id":1,"delta":"fossil"}')
     assert json.loads(bytes(slow.read_frames(1.0)[0].data))["delta"] is True
-    with Publisher(redis_server.url) as publisher:
-        for version in range(1, 200):  # while it reads nothing: drops
-            publisher.publish("doc.s", {"pad": "x" * 3000, **document(version)})
-    wait_until(lambda: gateway.metric("wsgateway_deliveries_dropped_total") > 0)
-    frames = [json.loads(bytes(f.data)) for f in slow.read_frames(3.0)]
+
+    def publish() -> None:
+        with Publisher(redis_server.url) as publisher:
+            for version in range(1, 400):
+                publisher.publish("doc.s", document(version))
+                time.sleep(0.001)
+
+    publishing = threading.Thread(target=publish)
+    publishing.start()
+    # A slow reader: 256 bytes every 10 ms, while the messages arrive at 500 a second or so.
+    received: list[Frame] = []
+    slow.sock.settimeout(0.01)
+    while publishing.is_alive():
+        with contextlib.suppress(TimeoutError):
+            received += [e for e in slow.feed(slow.sock.recv(256)) if isinstance(e, Frame)]
+        time.sleep(0.01)
+    publishing.join()
+    received += slow.read_frames(1.0)
+    assert gateway.metric("wsgateway_deliveries_dropped_total") > 0
+    frames = [json.loads(bytes(f.data)) for f in received]
     slow.close()
     messages = [f for f in frames if f.get("op") == "message"]
-    assert any(m["delta"] for m in messages) and any(not m["delta"] for m in messages[1:])
+    assert sum(m["delta"] for m in messages) > 10, messages[:3]
     text, offset = None, None
+    useless = []
     for m in messages:
         if m["delta"]:
-            assert offset == m["offset"] - 1 and text is not None, "a delta without its base"
+            if offset != m["offset"] - 1 or text is None:
+                useless.append(m["offset"])  # a delta without its base
+                text = None
+                continue
             text = fossil.apply(text, m["data"].encode())
         else:
             text = m["data"].encode()
         offset = m["offset"]
-        assert json.loads(text)["version"] == m["offset"] - 0
+        assert json.loads(text)["version"] == m["offset"]
+    assert useless == [], f"{len(useless)} of {len(messages)} deltas without their base"
+
+
+def delta_problems(reply: dict[str, Any], frames: list[dict[str, Any]]) -> list[str]:
+    """What is wrong with a delta subscription's frames after its ``subscribed`` reply, by
+    docs/protocol.md's rule: every message after the reply's offset comes as text, with
+    offsets following each other, the first as its full text (``"delta": false``), each
+    delta applying to the text before it."""
+    problems: list[str] = []
+    expected, text = reply["offset"] + 1, None
+    for frame in frames:
+        if frame.get("op") != "message" or frame.get("offset") is None:
+            continue
+        if frame["offset"] < expected:
+            continue  # replayed, or the latest value: ordinary frames
+        where = f"offset {frame['offset']}"
+        if frame["offset"] != expected:
+            return [*problems, f"{where}: expected offset {expected}"]
+        if "delta" not in frame:
+            return [*problems, f"{where}: an ordinary frame after the reply's offset"]
+        if frame["delta"]:
+            if text is None:
+                return [*problems, f"{where}: a delta before any full text"]
+            try:
+                text = fossil.apply(text, frame["data"].encode())
+            except fossil.DeltaError as exc:
+                return [*problems, f"{where}: {exc}"]
+        else:
+            text = frame["data"].encode()
+        expected += 1
+    return problems
+
+
+@pytest.mark.parametrize("coalesce", ["adaptive", "window"])
+async def test_delta_subscribers_that_leave_and_come_back_lose_nothing(
+    redis_server: RedisServer, gateway_factory: GatewayFactory, coalesce: str
+) -> None:
+    """A plain subscriber keeps a busy delta channel on the replica while delta subscribers
+    unsubscribe and subscribe again in a loop, often while a batch waits for its write.
+    Before, the full texts and deltas of a batch were left behind when the last delta
+    subscriber left before the write, and the next one's batch paired stale texts with new
+    messages: messages lost, or 1011 with a traceback. Now every subscription gets every
+    message after its reply's offset, the first as its full text, each delta applying."""
+    gateway = gateway_factory(
+        {
+            **DELTAS,
+            "GATEWAY_REDIS_URL": redis_server.url,
+            "GATEWAY_COALESCE": coalesce,
+            "GATEWAY_RATE_LIMIT": "1000",
+        }
+    )
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        from publisher import AsyncPublisher
+
+        async with AsyncPublisher(redis_server.url) as publisher:
+            version = 0
+            while not stop.is_set():
+                version += 1
+                await publisher.publish("doc.busy", {"v": version, "pad": "x" * 200})
+                await asyncio.sleep(0.004)
+
+    async def churn(rounds: int) -> tuple[int, list[str]]:
+        problems: list[str] = []
+        received = 0
+        async with client(gateway.ws_url) as ws:
+            for n in range(rounds):
+                reply = await request(
+                    ws, {"op": "subscribe", "channel": "doc.busy", "id": n, "delta": "fossil"}
+                )
+                assert reply["delta"] is True, reply
+                await asyncio.sleep(0.005 * (n % 7))
+                await ws.send(json.dumps({"op": "unsubscribe", "channel": "doc.busy", "id": -n}))
+                frames = []
+                while (frame := await recv_json(ws))["op"] != "unsubscribed":
+                    frames.append(frame)
+                received += len(frames)
+                problems += [f"round {n}: {p}" for p in delta_problems(reply, frames)]
+        return received, problems
+
+    async with client(gateway.ws_url) as plain:
+        await request(plain, {"op": "subscribe", "channel": "doc.busy", "id": 1})
+        publisher = asyncio.create_task(publish())
+        try:
+            results = await asyncio.gather(*(churn(60) for _ in range(3)))
+        finally:
+            stop.set()
+            await publisher
+    problems = [problem for _, result in results for problem in result]
+    assert problems == [], (len(problems), problems[:10])
+    assert all(received > 100 for received, _ in results), results
+    assert "Traceback" not in gateway.logs()
+
+
+async def test_every_live_message_after_a_delta_subscription_comes_as_text(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """One rule from the reply on: messages up to the reply's offset (a replay, a state
+    channel's latest) are ordinary frames, every later one is text, the first of them full.
+    Before, on a channel with history that the replica did not carry yet, and on a state
+    channel after its latest, the first live message came as an ordinary frame."""
+    gateway = gateway_factory(
+        {**DELTAS, "GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_STATE_CHANNELS": "doc.state"}
+    )
+    with Publisher(redis_server.url) as publisher:
+        epochs = {}
+        for channel in ("doc.log", "doc.state"):
+            for version in (1, 2):  # history the replica has not carried
+                epochs[channel] = publisher.append(channel, document(version)).epoch
+        for since in (False, True):
+            for channel in ("doc.log", "doc.state"):
+                async with client(gateway.ws_url) as ws:
+                    payload: dict[str, Any] = {"op": "subscribe", "channel": channel, "id": 1}
+                    payload["delta"] = "fossil"
+                    if since:
+                        payload["since"] = {"offset": 1, "epoch": epochs[channel]}
+                    reply = await request(ws, payload)
+                    assert reply["delta"] is True, reply
+                    top = reply["offset"]
+                    for version in range(top + 1, top + 4):
+                        publisher.publish(channel, document(version))
+                    frames: list[dict[str, Any]] = []
+                    while not frames or frames[-1].get("offset") != top + 3:
+                        frames.append(await recv_json(ws))
+                    where = f"{channel}, since: {since}"
+                    assert delta_problems(reply, frames) == [], where
+                    live = [f for f in frames if f["offset"] > top]
+                    assert [f["delta"] for f in live] == [False, True, True], where
+                    earlier = [f for f in frames if f["offset"] <= top]
+                    assert all("delta" not in f for f in earlier), where
+
+
+async def test_subscribing_again_answers_what_the_subscription_is(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = gateway_factory(DELTAS)
+    async with client(gateway.ws_url) as ws:
+        first = await request(
+            ws, {"op": "subscribe", "channel": "doc.a", "id": 1, "delta": "fossil"}
+        )
+        again = await request(ws, {"op": "subscribe", "channel": "doc.a", "id": 2})
+        assert (first["delta"], again["delta"]) == (True, True)
+        plain = await request(ws, {"op": "subscribe", "channel": "doc.b", "id": 3})
+        asked = await request(
+            ws, {"op": "subscribe", "channel": "doc.b", "id": 4, "delta": "fossil"}
+        )
+        assert "delta" not in plain and "delta" not in asked
+        await request(ws, {"op": "publish", "channel": "doc.a", "data": {"a": 1}, "id": 5})
+        message = await recv_json(ws)
+        assert message["delta"] is False and message["data"] == '{"a":1}'

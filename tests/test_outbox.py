@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.outbox import Outbox
-from gateway.protocol import Outbound
+from gateway.protocol import Outbound, Text
 
 
 def item(n: int, size: int = 10) -> Outbound:
@@ -104,3 +104,61 @@ def test_a_replay_counts_as_one_message_and_goes_whole_when_dropped() -> None:
     assert texts(outbox) == [b"7", b"8"]
     outbox.push_replay([item(n) for n in range(3)])
     assert outbox.clear() == 3
+
+
+# Deltas: a queue that drops a message of a chain never leaves a delta without its base
+
+
+def chain_of(chain: object, offsets: range, size: int = 40) -> list[tuple[Text, Text]]:
+    """For each offset: its full text (``size`` bytes) and its delta (a few bytes)."""
+    pairs = []
+    for offset in offsets:
+        full = Text(b"F%d" % offset + b" " * size, None, offset, chain)
+        pairs.append((full, Text(b"D%d" % offset, None, offset, chain, full)))
+    return pairs
+
+
+def test_drop_oldest_sends_the_delta_after_a_dropped_message_as_its_full_text() -> None:
+    outbox = Outbox(3, 10**6, "drop-oldest")
+    a, b = object(), object()
+    (a1, _), (_, a2), (_, a3) = chain_of(a, range(1, 4))
+    (b1, _), (_, b2) = chain_of(b, range(1, 3))
+    for pushed in (a1, b1, a2):
+        outbox.push(pushed)
+    outbox.push(b2)  # drops a1: a2 is now useless as a delta, its full text goes
+    outbox.push(a3)  # drops b1: b2 goes full too; a3 applies to a2, which is queued
+    assert [i.text.split()[0] for i in outbox.pop_batch(10**9)] == [b"F2", b"F2", b"D3"]
+    assert outbox.dropped == 2
+
+
+def test_a_dropped_message_with_nothing_of_its_chain_queued_makes_the_next_one_full() -> None:
+    a = object()
+    pairs = chain_of(a, range(1, 6))
+    # drop-newest: message 2 does not fit, 3 (a small delta) would, but its base is gone.
+    outbox = Outbox(10, len(pairs[0][0]) + 10, "drop-newest")
+    outbox.push(pairs[0][0])
+    big = Text(b"F2" + b" " * 100, None, 2, a)
+    outbox.push(Text(b"D2" + b" " * 100, None, 2, a, big))
+    outbox.push(pairs[2][1])
+    outbox.push(pairs[3][1])
+    assert [i.text.split()[0] for i in outbox.pop_batch(10**9)] == [b"F1"]
+    assert outbox.dropped == 3  # 2; 3 as its full text does not fit either; 4 after it
+    # drop-oldest: the dropped message was the last of its chain in the queue.
+    outbox = Outbox(2, 10**6, "drop-oldest")
+    outbox.push(pairs[0][0])
+    outbox.push(item(7))
+    outbox.push(item(8))  # drops message 1 of the chain
+    outbox.push(pairs[1][1])  # its delta would apply to message 1: its full text instead
+    assert [i.text.split()[0] for i in outbox.pop_batch(10**9)] == [b"8", b"F2"]
+
+
+def test_an_emptied_queue_forgets_what_it_dropped_and_plain_messages_are_untouched() -> None:
+    a = object()
+    pairs = chain_of(a, range(1, 4))
+    outbox = Outbox(1, 10**6, "drop-newest")
+    outbox.push(item(1))
+    outbox.push(pairs[0][1])  # dropped: the chain's next delta would go full
+    assert texts(outbox) == [b"1"]
+    # Emptied: from here the hub decides (a drop count that changed means a full text).
+    outbox.push(pairs[1][1])
+    assert [i.text.split()[0] for i in outbox.pop_batch(10**9)] == [b"D2"]
