@@ -21,6 +21,9 @@ Attacks:
 * ``resume``: clients that subscribe to a history channel with ``since`` (offset 0, or
   ``--behind`` messages behind its top) all at once, reading their replay or (``--no-read``)
   never reading it;
+* ``refresh``: connections with valid tokens (signed with ``--secret``) that send in-band
+  refreshes of ``--size`` bytes with a wrong signature, as fast as the frame rate limit
+  allows;
 * ``deltas``: a publisher of documents of ``--size`` bytes that change entirely, ``--rate``
   a second, on a channel whose ``--clients`` subscribers take Fossil deltas (each delta
   costs the replica's loop a search through the whole text).
@@ -432,6 +435,43 @@ async def deltas(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) 
             task.cancel()
 
 
+async def refresh(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """Refreshes with large forged tokens: each would be decoded whole before its signature
+    is checked."""
+    import jwt
+
+    def signed(key: str, pad: int = 0) -> str:
+        claims = {"sub": "mallory", "exp": int(time.time()) + 3600, "pad": "x" * pad}
+        return jwt.encode(claims, key, algorithm="HS256")
+
+    # base64 makes 4 characters of 3 bytes: a token of about --size characters.
+    forged = signed("not-the-secret-not-the-secret-0123", max(0, args.size * 3 // 4 - 200))
+    request = masked(Opcode.TEXT, json.dumps({"op": "refresh", "token": forged}).encode())
+
+    async def use(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def read() -> None:
+            while data := await reader.read(65536):
+                counts["refused"] += data.count(b"refresh refused")
+                counts["limited"] += data.count(b'"code":"limit"')
+                code = close_code(data)
+                if code is not None:
+                    counts[f"close:{code}"] += 1
+            counts["closed"] += 1
+
+        task = asyncio.create_task(read())
+        try:
+            while not task.done() and not stop.is_set():
+                writer.write(request)
+                counts["sent"] += 1
+                await asyncio.sleep(1 / 40)  # under the frame rate limit (50)
+        finally:
+            task.cancel()
+            writer.close()
+
+    extra = f"Authorization: Bearer {signed(args.secret)}\r\n".encode()
+    await upgraded(args, counts, stop, use, extra)
+
+
 ATTACKS = {
     "bombs": bombs,
     "headers": headers,
@@ -443,6 +483,7 @@ ATTACKS = {
     "churn": churn,
     "resume": resume,
     "deltas": deltas,
+    "refresh": refresh,
 }
 
 
@@ -482,13 +523,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channel", default="h.storm", help="resume, publish")
     parser.add_argument("--redis", help="publish, deltas: the Redis URL to publish through")
     parser.add_argument(
-        "--size", type=int, default=100, help="publish: bytes of padding; deltas: of a document"
+        "--size",
+        type=int,
+        default=100,
+        help="publish: bytes of padding; deltas: of a document; refresh: of a token",
     )
     parser.add_argument("--deep", action="store_true", help="publish: malformed, too deep")
     parser.add_argument(
         "--rate", type=float, default=0, help="publish, deltas: a second (publish: 0, no limit)"
     )
     parser.add_argument("--no-read", action="store_true", help="resume")
+    parser.add_argument("--secret", default="", help="refresh: the gateway's JWT secret")
     parser.add_argument(
         "--behind", type=int, default=0, help="resume: this many messages behind (0: offset 0)"
     )

@@ -15,6 +15,7 @@ import jwt
 import msgspec
 
 from gateway.access import Access, personal_channel
+from publisher.control import USER_MAX_LENGTH
 from publisher.envelope import is_valid_channel
 
 __all__ = ["AuthError", "Authenticator", "Identity", "bearer_token"]
@@ -52,6 +53,7 @@ class Authenticator:
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = 0.0,
+        max_token_bytes: int = 8192,
         anonymous: Access,
     ) -> None:
         if secret is not None and public_key is not None:
@@ -61,6 +63,7 @@ class Authenticator:
         self.audience = audience
         self.issuer = issuer
         self.leeway = leeway
+        self.max_token_bytes = max_token_bytes
         self.anonymous = Identity(None, anonymous)
 
     @property
@@ -73,6 +76,9 @@ class Authenticator:
             return self.anonymous
         if not token:
             raise AuthError("a token is required: ?token=<JWT> or Authorization: Bearer <JWT>")
+        if len(token) > self.max_token_bytes:
+            # Refused unread: decoding costs 30 to 50 us per KB before the signature is seen.
+            raise AuthError(f"token over {self.max_token_bytes} bytes")
         try:
             claims = jwt.decode(
                 token,
@@ -88,8 +94,12 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None
         subject = claims["sub"]
-        if not isinstance(subject, str) or not subject:
-            raise AuthError("invalid token: 'sub' must be a non-empty string")
+        if not isinstance(subject, str) or not subject or len(subject) > USER_MAX_LENGTH:
+            # Services name users in control requests (publisher.control): one they could not
+            # name they could not disconnect.
+            raise AuthError(f"invalid token: 'sub' must be a string of 1 to {USER_MAX_LENGTH}")
+        if not _encodable(subject):
+            raise AuthError("invalid token: 'sub' is not valid Unicode (a lone surrogate)")
         subs = _patterns(claims, "subs")
         if not all(is_valid_channel(channel) for channel in subs):
             raise AuthError("invalid token: 'subs' must be a list of valid channel names")
@@ -102,7 +112,10 @@ class Authenticator:
         )
         info = None
         if "info" in claims:
-            info = msgspec.json.encode(claims["info"])
+            try:
+                info = msgspec.json.encode(claims["info"])
+            except (UnicodeEncodeError, TypeError, ValueError, RecursionError):
+                raise AuthError("invalid token: 'info' is not valid Unicode JSON") from None
             if len(info) > MAX_INFO_BYTES:
                 raise AuthError(f"invalid token: 'info' is over {MAX_INFO_BYTES} bytes as JSON")
         return Identity(subject, access, float(claims["exp"]), subs, own, info)
@@ -114,6 +127,14 @@ class Authenticator:
         if identity.subject != subject:
             raise AuthError("the token is for another subject ('sub')")
         return identity
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _patterns(claims: dict[str, object], name: str) -> tuple[str, ...]:

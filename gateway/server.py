@@ -76,6 +76,10 @@ __all__ = ["Gateway"]
 log = logging.getLogger("gateway")
 
 WS_PATH = "/ws"
+#: Seconds a connection waits between two refreshes (each decodes a token), and the refused
+#: refreshes in a row after which it is closed (1008).
+REFRESH_INTERVAL = 1.0
+MAX_REFUSALS = 3
 #: Completed connections waiting to be accepted.
 LISTEN_BACKLOG = 4096
 
@@ -551,11 +555,26 @@ class Gateway:
             raise RequestError(
                 ErrorCode.BAD_REQUEST, "this connection has no token to refresh", request.id
             )
+        # Each refresh decodes a token (up to GATEWAY_MAX_TOKEN_BYTES): a second apart at
+        # least, and a connection that keeps sending refused ones is closed.
+        now = session.connection.loop.time()
+        if now - session.refreshed_at < REFRESH_INTERVAL:
+            raise RequestError(
+                ErrorCode.LIMIT, f"at most one refresh every {REFRESH_INTERVAL:g} s", request.id
+            )
+        session.refreshed_at = now
         try:
             identity = self.auth.refresh(session.subject, request.token)
         except AuthError as exc:
             self.stats.refreshes["refused"] += 1
-            raise RequestError(ErrorCode.FORBIDDEN, f"refresh refused: {exc}", request.id) from None
+            session.refusals += 1
+            refused = RequestError(ErrorCode.FORBIDDEN, f"refresh refused: {exc}", request.id)
+            if session.refusals < MAX_REFUSALS:
+                raise refused from None
+            session.send(error(refused))
+            session.close(Close.POLICY_VIOLATION, "refreshes refused", cause="refresh")
+            return
+        session.refusals = 0
         self.stats.refreshes["ok"] += 1
         session.renew(identity)
         for channel in sorted(c for c in session.channels if not session.access.can_subscribe(c)):
@@ -781,6 +800,7 @@ def _authenticator(settings: Settings) -> Authenticator:
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
         leeway=settings.jwt_leeway,
+        max_token_bytes=settings.max_token_bytes,
         anonymous=anonymous,
     )
 

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import socket
 import struct
 import time
@@ -438,6 +439,8 @@ class Session:
         "ping_due",
         "ping_sent",
         "reading",
+        "refreshed_at",
+        "refusals",
         "stats",
         "subject",
         "worker",
@@ -487,6 +490,9 @@ class Session:
         self.worker: asyncio.Task[None] | None = None
         #: A fragmented message being received: whether it is text, and its parts so far.
         self.fragments: tuple[bool, list[bytes]] | None = None
+        #: Loop time of its last refresh, and how many in a row were refused.
+        self.refreshed_at = -math.inf
+        self.refusals = 0
         connection.session = self
 
     def received(self, message: str | bytes | Unacceptable) -> bool:

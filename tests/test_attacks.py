@@ -46,14 +46,16 @@ def siege(
     seconds: float = ATTACK_SECONDS,
     during: Any = None,
     settle: float = 1.5,
+    canary_url: str | None = None,
     **options: float | str | bool,
 ) -> tuple[dict[str, Any], dict[str, Any], Sampler]:
     """Run attack ``name`` on ``gateway`` for ``seconds`` (less if it ends by itself) beside
-    a canary; return the attack's report, the canary's and the gateway's memory and
-    descriptor samples. ``during`` is called once half-way through the attack; the canary
-    goes on for ``settle`` seconds after it, for its last messages."""
+    a canary (connecting to ``canary_url``, a token in it where one is needed); return the
+    attack's report, the canary's and the gateway's memory and descriptor samples.
+    ``during`` is called once half-way through the attack; the canary goes on for ``settle``
+    seconds after it, for its last messages."""
     assert gateway.process is not None
-    watcher = canary(gateway.ws_url, redis_url=redis_url)
+    watcher = canary(canary_url or gateway.ws_url, redis_url=redis_url)
     try:
         time.sleep(1.0)  # the canary's first messages and pings, before any attack
         with Sampler(gateway.process.pid) as sampler:
@@ -428,3 +430,41 @@ def test_large_documents_that_change_entirely_never_block_the_replica(
     assert report["published"] - 1 <= report["messages"] <= report["published"], report
     assert_canary_unharmed(observed, FLOOD_RTT_P99_MS)
     assert report["fulls"] == report["messages"], report  # no delta was worth making
+
+
+def test_refreshes_with_large_forged_tokens_are_refused_unread_then_closed(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """20 connections with valid tokens send refreshes of 60 KB forged tokens, under the
+    frame rate limit: before, PyJWT decoded every one whole before seeing the signature was
+    wrong (30-50 us per KB), and the replica spent more than a core on them. Now a token over
+    GATEWAY_MAX_TOKEN_BYTES is refused unread, refreshes wait a second between them, and a
+    connection is closed 1008 after three refused in a row."""
+    from tests.test_security import SECRET, token
+
+    gateway = gateway_factory(
+        {
+            "GATEWAY_REDIS_URL": redis_server.url,
+            "GATEWAY_JWT_SECRET": SECRET,
+            "GATEWAY_LOG_LEVEL": "info",
+        }
+    )
+    canary_token = token(sub="canary", channels=["canary"], publish=["canary"])
+    report, observed, _ = siege(
+        gateway,
+        "refresh",
+        redis_url=redis_server.url,
+        canary_url=f"{gateway.ws_url}?token={canary_token}",
+        clients=20,
+        size=60_000,
+        secret=SECRET,
+    )
+    assert report["sent"] > 1000, report
+    assert_canary_unharmed(observed, FLOOD_RTT_P99_MS)
+    assert report.get("close:1008", 0) >= 20, report
+    assert (
+        gateway.metric(
+            "wsgateway_connections_closed_total", websocket_close_code="1008", reason="refresh"
+        )
+        >= report["close:1008"]
+    )

@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.client import Client, Message
 from tests.harness import GatewayFactory, GatewayProcess, client, recv_json, request
-from tests.test_security import SECRET, token
+from tests.test_security import SECRET, token, token_of_length
 
 
 @pytest.fixture
@@ -125,3 +125,45 @@ async def test_the_client_refreshes_before_its_token_expires(gateway: GatewayPro
         assert chat.connects == 1  # never closed with 4001, never reconnected
     assert len(issued) >= 4  # the first token and at least three refreshes
     assert gateway.metric("wsgateway_token_refreshes_total", result="ok") >= 3
+
+
+async def test_refreshes_are_a_second_apart_and_tokens_at_most_max_token_bytes(
+    gateway: GatewayProcess,
+) -> None:
+    """Each refresh decodes a token: one a second at most (`limit` sooner, without decoding
+    it), and a token over GATEWAY_MAX_TOKEN_BYTES (8192) is refused unread."""
+    async with client(f"{gateway.ws_url}?token={token()}") as ws:
+        exact = token_of_length(8192)
+        assert (await request(ws, {"op": "refresh", "token": exact, "id": 1}))["op"] == "refreshed"
+        sooner = await request(ws, {"op": "refresh", "token": token(), "id": 2})
+        assert (sooner["code"], sooner["message"]) == ("limit", "at most one refresh every 1 s")
+        await asyncio.sleep(1.0)
+        over = await request(ws, {"op": "refresh", "token": token_of_length(8193), "id": 3})
+        assert (over["code"], over["message"]) == (
+            "forbidden",
+            "refresh refused: token over 8192 bytes",
+        )
+    assert gateway.metric("wsgateway_token_refreshes_total", result="ok") == 1
+    assert gateway.metric("wsgateway_token_refreshes_total", result="refused") == 1
+
+
+async def test_three_refused_refreshes_in_a_row_close_the_connection(
+    gateway: GatewayProcess,
+) -> None:
+    forged = token(key="another-secret-another-secret-0123")
+    async with client(f"{gateway.ws_url}?token={token()}") as ws:
+        for attempt in range(5):  # refused, refused, accepted: the count starts again
+            await asyncio.sleep(1.0)
+            good = attempt == 2
+            answer = await request(ws, {"op": "refresh", "token": token() if good else forged})
+            assert answer["op"] == ("refreshed" if good else "error"), answer
+        await asyncio.sleep(1.0)
+        third = await request(ws, {"op": "refresh", "token": forged, "id": 9})
+        assert (third["id"], third["code"]) == (9, "forbidden")  # told why, then closed
+        with pytest.raises(ConnectionClosed):
+            await recv_json(ws)
+        assert (ws.close_code, ws.close_reason) == (1008, "refreshes refused")
+    closed = gateway.metric(
+        "wsgateway_connections_closed_total", websocket_close_code="1008", reason="refresh"
+    )
+    assert closed == 1

@@ -35,6 +35,18 @@ def token(key: Any = SECRET, algorithm: str = "HS256", **claims: Any) -> str:
     return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm=algorithm)
 
 
+def token_of_length(length: int, **claims: Any) -> str:
+    """A valid token of exactly ``length`` characters (padded with a claim of its own)."""
+    for extra in range(4):  # base64 cannot make every length from every padding
+        for pad in range(max(0, length * 3 // 4 - 300), length):
+            made = token(pad="x" * pad, jti="j" * extra, **claims)
+            if len(made) == length:
+                return made
+            if len(made) > length:
+                break
+    raise AssertionError(f"no token of {length} characters")
+
+
 def tampered(good: str) -> str:
     header, _, signature = good.split(".")
     claims = {"sub": "alice", "exp": int(time.time()) + 3600, "channels": ["*"]}
@@ -78,6 +90,11 @@ def hs_gateway(gateway_factory: GatewayFactory) -> GatewayProcess:
         (token(sub=""), "invalid token"),
         (token() + "x", "invalid token"),  # signature tampered with
         (tampered(token()), "invalid token"),  # claims changed, signature kept
+        # A user no service could name in a control request (at most 256 characters).
+        (token(sub="u" * 257), "'sub' must be a string of 1 to 256"),
+        # Not Unicode: the first presence subscribe failed 1011, and 'info' made HTTP 500.
+        (token(sub="\ud800"), "'sub' is not valid Unicode"),
+        (token(info={"name": "\udfff"}), "'info' is not valid Unicode"),
         (token(channels={"not": "a list"}), "invalid token"),
         (
             jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600}, "", algorithm="none"),
@@ -93,6 +110,21 @@ async def test_missing_or_bad_tokens_are_refused_with_401(
     assert status == 401
     assert why in body
     assert SECRET not in body
+
+
+async def test_tokens_up_to_the_bounds_are_accepted_beyond_refused_unread(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A token of GATEWAY_MAX_TOKEN_BYTES is usable, one character more is refused before
+    it is decoded (which costs 30-50 us per KB before the signature is seen); the longest
+    sub (256 characters) is usable. (Here 4096: at the default, 8192, a request line or
+    header line that long is refused by the WebSocket library first, 414 or 400.)"""
+    gateway = gateway_factory({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_MAX_TOKEN_BYTES": "4096"})
+    for good in (token_of_length(4096), token(sub="u" * 256)):
+        async with client(f"{gateway.ws_url}?token={good}") as ws:
+            assert (await request(ws, {"op": "ping", "id": 1}))["op"] == "pong"
+    status, body = await refused(f"{gateway.ws_url}?token={token_of_length(4097)}")
+    assert (status, body) == (401, "token over 4096 bytes\n")
 
 
 async def test_token_by_query_or_bearer_header_and_claims_decide_access(
