@@ -13,13 +13,18 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from opentelemetry.trace import StatusCode
-from pydantic import ValidationError
+from opentelemetry.trace import Span, StatusCode
 
 from gateway.backplane import Backplane, BackplaneUnavailable
 from gateway.protocol import RequestError, error, reply
 from gateway.throttle import Throttle
-from publisher.control import Ack, ControlRequest, parse_control
+from publisher.control import (
+    MAX_REQUEST_BYTES,
+    Ack,
+    ControlRequest,
+    RefusedControl,
+    parse_control,
+)
 
 if TYPE_CHECKING:
     from gateway.session import Session
@@ -60,7 +65,12 @@ class Control:
         self._log = Throttle()
 
     def receive(self, payload: bytes) -> None:
-        """A request from the backplane; never blocks."""
+        """A request from the backplane; never blocks. One larger than any valid request
+        is refused unread: the queue holds at most QUEUE times MAX_REQUEST_BYTES."""
+        if len(payload) > MAX_REQUEST_BYTES:
+            self._count("-", "malformed")
+            self._warn("dropped a control request of %d bytes, unread", len(payload))
+            return
         try:
             self._queue.put_nowait(payload)
         except asyncio.QueueFull:
@@ -81,11 +91,13 @@ class Control:
         malformed)."""
         try:
             request = parse_control(payload)
-        except ValidationError as exc:
+        except RefusedControl as exc:
             self._count("-", "malformed")
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "request"
-            self._warn("dropped a malformed control request (%s: %s)", where, first["msg"])
+            self._warn("dropped a malformed control request (%s)", exc)
+            if exc.request_id is not None:  # the service waits for an answer: it gets why
+                await self._acknowledge(
+                    exc.request_id, Ack(replica=self.replica, connections=0, error=str(exc)), None
+                )
             return None
         span = self.telemetry.control(
             request.op, request.user, request.traceparent, request.tracestate
@@ -99,24 +111,30 @@ class Control:
         self._count(request.op, "ok")
         self.stats.control_connections[request.op] += reached
         if request.id is not None:
-            ack = Ack(replica=self.replica, connections=reached).model_dump_json().encode()
-            try:
-                await self.backplane.acknowledge(request.id, ack)
-            except BackplaneUnavailable as exc:
-                self._warn("could not acknowledge control request %s: %s", request.id, exc)
-                if span is not None:
-                    span.set_status(StatusCode.ERROR, str(exc))
+            await self._acknowledge(
+                request.id, Ack(replica=self.replica, connections=reached), span
+            )
         if span is not None:
             span.set_attribute("wsgateway.control.connections", reached)
             span.end()
         return reached
+
+    async def _acknowledge(self, request_id: str, ack: Ack, span: Span | None) -> None:
+        try:
+            await self.backplane.acknowledge(
+                request_id, ack.model_dump_json(exclude_none=True).encode()
+            )
+        except BackplaneUnavailable as exc:
+            self._warn("could not acknowledge control request %s: %s", request_id, exc)
+            if span is not None:
+                span.set_status(StatusCode.ERROR, str(exc))
 
     async def _act_on(self, session: Session, request: ControlRequest) -> bool:
         """Whether ``session`` was changed (it may be closing, or already as asked)."""
         if session.closing:
             return False
         if request.op == "disconnect":
-            session.close(request.code, request.reason, cause="control")
+            session.close(request.code, request.close_reason, cause="control")
             return True
         channel = request.channel
         assert channel is not None  # the model checks it

@@ -226,6 +226,10 @@ def _control(args: argparse.Namespace) -> None:
             f"{args.op} {args.user}: {result.connections} connection(s); "
             f"{result.acknowledged} of {result.replicas} gateway(s) acknowledged"
         )
+    for why in sorted(set(result.errors)):  # a replica stricter than this publisher
+        print(f"refused by a gateway: {why}", file=sys.stderr)
+    if result.errors:
+        sys.exit(2)
     if not result.complete and args.timeout > 0:
         sys.exit(3)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from websockets.exceptions import ConnectionClosed
 
@@ -23,6 +25,7 @@ from publisher.control import (
     CONTROL_CHANNEL,
     ControlError,
     ControlResult,
+    RefusedControl,
     Tally,
     build_control,
     parse_control,
@@ -81,7 +84,7 @@ def test_a_request_is_encoded_with_what_differs_from_the_defaults(
         ({"op": "disconnect", "user": "u" * 257}, "user"),
         ({"op": "disconnect", "user": "a", "code": 1006}, "code"),
         ({"op": "disconnect", "user": "a", "code": 5000}, "code"),
-        ({"op": "disconnect", "user": "a", "reason": "é" * 62}, "123"),
+        ({"op": "disconnect", "user": "a", "reason": "é" * 124}, "123"),
         ({"op": "subscribe", "user": "a"}, "needs a channel"),
         ({"op": "unsubscribe", "user": "a", "channel": "no spaces"}, "channel"),
         ({"op": "subscribe", "user": "a", "channel": CONTROL_CHANNEL}, "@@"),
@@ -105,7 +108,7 @@ def test_a_bad_request_is_refused_before_it_reaches_redis(fields: dict[str, Any]
     ],
 )
 def test_the_replicas_reader_refuses_what_the_builder_would(payload: bytes) -> None:
-    with pytest.raises(ValueError):  # pydantic's ValidationError is one
+    with pytest.raises(RefusedControl):
         parse_control(payload)
 
 
@@ -128,19 +131,104 @@ def test_the_committed_json_schema_is_current() -> None:
         ({"v": 1, "op": "disconnect", "user": ""}, False),
         ({"v": 1, "op": "disconnect", "user": "a", "code": "4000"}, False),
         ({"v": 1, "op": "disconnect", "user": "a", "id": "a b"}, False),
+        # Each of these the schema accepted and the replicas dropped, unacknowledged:
+        ({"v": 1, "op": "disconnect", "user": "a", "code": 999}, False),
+        ({"v": 1, "op": "subscribe", "user": "a", "channel": "r", "code": 999}, False),
+        ({"v": 1, "op": "disconnect", "user": "a", "reason": "x" * 124}, False),
+        ({"v": 1, "op": "subscribe", "user": "a", "channel": "@@control"}, False),
+        ({"v": 1, "op": "subscribe", "user": "a"}, False),
+        ({"v": 1, "op": "unsubscribe", "user": "a", "channel": None}, False),
+        # ... and these both accept: a long UTF-8 reason is cut when the frame is made.
+        ({"v": 1, "op": "disconnect", "user": "a", "reason": "é" * 123}, True),
+        ({"v": 1.0, "op": "disconnect", "user": "a", "code": 3000.0}, True),
+        ({"v": 1, "op": "disconnect", "user": "a", "channel": "r"}, True),
     ],
 )
 def test_the_schema_says_what_the_replicas_read(request_: dict[str, Any], valid: bool) -> None:
     """What another language's publisher would check against the schema, the replicas
-    accept or refuse alike (the rules between fields, like a channel for subscribe, are the
-    reader's alone: JSON Schema states them in the descriptions)."""
-    schema_ok = Draft202012Validator(json.loads(SCHEMA_FILE.read_text())).is_valid(request_)
+    accept or refuse alike."""
+    assert schema_accepts(request_) == reader_accepts(json.dumps(request_)) == valid
+
+
+def schema_accepts(request_: Any) -> bool:
+    return bool(Draft202012Validator(json.loads(SCHEMA_FILE.read_text())).is_valid(request_))
+
+
+def reader_accepts(payload: str | bytes) -> bool:
     try:
-        parse_control(json.dumps(request_))
-        reader_ok = True
-    except ValueError:
-        reader_ok = False
-    assert schema_ok == reader_ok == valid
+        parse_control(payload)
+    except RefusedControl:
+        return False
+    return True
+
+
+_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 6000),
+    st.sampled_from([1.0, 1008.0, 3000.5, 1e3]),
+    st.text(max_size=5),
+    st.sampled_from(["disconnect", "subscribe", "unsubscribe", "room.9", "@@x", "a b", "é" * 124]),
+    st.sampled_from(
+        ["x" * 123, "x" * 124, "u" * 256, "u" * 257, "00-" + "a" * 32 + "-" + "b" * 16 + "-01"]
+    ),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["v", "op", "user", "channel", "code", "reason", "id", "traceparent", "tracestate", "x"]
+        ),
+        _value,
+    ),
+    st.sampled_from([None, "disconnect", "subscribe", "unsubscribe"]),
+)
+def test_the_schema_and_the_replicas_agree_on_any_request(
+    fields: dict[str, Any], op: str | None
+) -> None:
+    """Requests of every shape, valid and not: whatever the schema accepts the replicas act
+    on, and whatever it refuses they refuse (and acknowledge with the reason)."""
+    request_ = {"v": 1, "user": "alice", **({"op": op} if op else {}), **fields}
+    assert schema_accepts(request_) == reader_accepts(json.dumps(request_)), request_
+
+
+@pytest.mark.parametrize(
+    ("payload", "request_id", "why"),
+    [
+        (b'{"v":1,"op":"disconnect","user":"a","id":"r1","op":"kick"}', "r1", "'op' given twice"),
+        (b'{"v":1,"op":"disconnect","user":"a","id":"r1","id":"r2"}', None, "'id' given twice"),
+        (b'{"v":1,"op":"subscribe","user":"a","id":"r3"}', "r3", "needs a channel"),
+        (b'{"v":1,"op":"disconnect","user":"a","id":"r4","code":999}', "r4", "code"),
+        (b'{"v":1,"op":"disconnect","user":"a","id":"has space"}', None, "id"),
+        (
+            b'{"v":1,"op":"disconnect","user":"a","id":"r5","x":' + b"[" * 300 + b"]" * 300 + b"}",
+            "r5",
+            "recursion",
+        ),
+        (
+            b'{"v":1,"op":"disconnect","user":"a","id":"r6","x":'
+            + b"[" * 4000
+            + b"]" * 4000
+            + b"}",
+            None,
+            "nested too deeply",
+        ),
+        (
+            b'{"v":1,"op":"disconnect","user":"a","id":"r7","x":"' + b"x" * 8200 + b'"}',
+            None,
+            "over 8192 bytes",
+        ),
+    ],
+)
+def test_a_refused_request_says_why_and_which_it_was_when_its_id_can_be_read(
+    payload: bytes, request_id: str | None, why: str
+) -> None:
+    with pytest.raises(RefusedControl, match=why) as refused:
+        parse_control(payload)
+    assert refused.value.request_id == request_id
 
 
 def test_acknowledgements_add_up() -> None:
@@ -289,6 +377,62 @@ async def test_a_malformed_request_is_counted_and_changes_nothing(
             assert publisher.disconnect("alice", reason="after").connections == 1
         assert await closed_with(ws) == (1008, "after")
     assert "malformed control request" in gateway.logs()
+
+
+async def test_a_refused_request_with_an_id_is_acknowledged_with_why(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """A service waiting for answers to a request the replicas refuse gets one from each,
+    saying why, instead of a timeout it would take for a lost replica."""
+    env = {**ENV, "GATEWAY_REDIS_URL": redis_server.url}
+    gateway_factory(env), gateway_factory(env)
+    r: Any = redis.Redis.from_url(redis_server.url)
+    for request_id, payload in [
+        ("k1", b'{"v":1,"op":"disconnect","user":"a","code":999,"id":"k1"}'),
+        ("k2", b'{"v":1,"op":"subscribe","user":"a","id":"k2"}'),
+        ("k3", b'{"v":1,"op":"disconnect","user":"a","id":"k3","user":"b"}'),
+    ]:
+        assert r.publish("ws:" + CONTROL_CHANNEL, payload) == 2
+        answers = [json.loads(r.blpop([f"ws:@@ack.{request_id}"], timeout=5)[1]) for _ in (1, 2)]
+        assert {a["connections"] for a in answers} == {0}
+        assert len({a["replica"] for a in answers}) == 2
+        errors = [a["error"] for a in answers]
+        assert errors[0] == errors[1] and errors[0], errors
+    assert "code" in errors[0] or "twice" in errors[0]
+    tally = Tally()
+    tally.add(b'{"replica":"r","connections":0,"error":"code: must be 1000"}')
+    tally.add(b'{"replica":"s","connections":2}')
+    assert tally.result(2).errors == ("code: must be 1000",)
+    r.close()
+
+
+async def test_requests_larger_than_any_valid_one_are_refused_unread(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """300 requests of 1 MB: before, each waited whole in the queue of 1,024 (the replica
+    went from 65 to 352 MB and stayed there). Now one over MAX_REQUEST_BYTES (8 KiB, more
+    than any valid request) is refused unread and counted as malformed."""
+    gateway = gateway_factory({**ENV, "GATEWAY_REDIS_URL": redis_server.url})
+    assert gateway.process is not None
+    big = b'{"v":1,"op":"disconnect","user":"alice","x":"' + b"x" * 1_000_000 + b'"}'
+    async with connect_as(gateway, "alice") as ws:
+        before = rss_kib(gateway.process.pid)
+        # Ten at a time: 32 MB unread would make Redis drop the replica's subscription.
+        for sent in range(10, 301, 10):
+            batch: list[tuple[str | bytes, ...]] = [("PUBLISH", "ws:" + CONTROL_CHANNEL, big)] * 10
+            await asyncio.to_thread(redis_server.pipeline, batch)
+            await async_wait_until(
+                lambda sent=sent: (
+                    gateway.metric("wsgateway_control_requests_total", op="-", result="malformed")
+                    == sent
+                )
+            )
+        assert gateway.metric("wsgateway_backplane_reconnects_total") == 0
+        assert rss_kib(gateway.process.pid) - before < 16 * 1024
+        with Publisher(redis_server.url) as publisher:  # the next one is served at once
+            assert publisher.disconnect("alice", reason="é" * 100).connections == 1
+        # A close frame carries 123 bytes of reason: cut at a character boundary.
+        assert await closed_with(ws) == (1008, "é" * 61)
 
 
 async def test_a_flood_of_control_requests_is_bounded_and_counted(
