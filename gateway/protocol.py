@@ -159,6 +159,8 @@ def parse_request(text: str) -> Request:
             raw = msgspec.json.decode(text)
         except msgspec.DecodeError as invalid:
             raise RequestError(ErrorCode.BAD_REQUEST, f"not valid JSON: {invalid}") from None
+        except RecursionError:  # an unknown member nested deeper than the decoder goes
+            raise RequestError(ErrorCode.BAD_REQUEST, "JSON nested too deeply") from None
         request_id = _request_id(raw)
         if not isinstance(raw, dict):
             raise RequestError(

@@ -239,7 +239,10 @@ class Tally:
         self.errors: list[str] = []
 
     def add(self, payload: bytes) -> None:
-        ack = parse_ack(payload)
+        try:
+            ack = parse_ack(payload)
+        except ValidationError as exc:  # not a replica's: someone else wrote to the list
+            ack = Ack(replica="?", connections=0, error=f"unreadable acknowledgement: {exc}")
         self.acknowledged += 1
         self.connections += ack.connections
         if ack.error is not None:

@@ -71,6 +71,8 @@ def parse_kinds(document: bytes) -> HistoryPolicy:
         parsed = msgspec.json.decode(document, type=_Document)
     except msgspec.DecodeError as exc:
         raise ValueError(f"not a channel kinds document: {exc}") from None
+    except RecursionError:
+        raise ValueError("not a channel kinds document: nested too deeply") from None
     if parsed.v != 1:
         raise ValueError(f"channel kinds document version {parsed.v}, this publisher reads 1")
     history = parsed.history

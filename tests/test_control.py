@@ -237,6 +237,9 @@ def test_acknowledgements_add_up() -> None:
         tally.add(json.dumps({"replica": "r", "connections": connections}).encode())
     assert tally.result(4) == ControlResult(replicas=4, acknowledged=3, connections=3)
     assert not tally.result(4).complete and tally.result(3).complete
+    # Whatever else lands on the list (no replica writes it) counts, with why.
+    tally.add(b'{"x":' + b"[" * 10_000 + b"]" * 10_000 + b"}")
+    assert tally.result(4).errors[0].startswith("unreadable acknowledgement")
 
 
 def test_reserved_channels_are_nobody_s() -> None:

@@ -8,6 +8,8 @@ receives every message.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import socket
@@ -319,3 +321,82 @@ def test_arbitrary_bytes_on_the_redis_channel(replica: Replica, payloads: list[b
             delivered.append(message["data"])
         assert delivered == expected
     replica.check()
+
+
+def nested(depth: int, inner: str = "1") -> str:
+    """JSON nested ``depth`` arrays deep."""
+    return "[" * depth + inner + "]" * depth
+
+
+def test_json_nested_10000_deep_gets_a_clear_answer_from_every_decoder(
+    redis_server: RedisServer, gateway_factory: Any
+) -> None:
+    """Every decoder of client, token, control and Redis input, at 10,000 levels (or the
+    deepest its size bound lets through): a documented answer, the connection and the
+    replica go on, no traceback. Before, a subscribe with an unknown member nested 1,000
+    deep made the second decode of request parsing raise RecursionError: 1011 and a
+    traceback per frame."""
+    from tests.test_security import SECRET, b64, token
+
+    gateway = gateway_factory(
+        {
+            "GATEWAY_REDIS_URL": redis_server.url,
+            "GATEWAY_JWT_SECRET": SECRET,
+            "GATEWAY_LOG_LEVEL": "info",
+        }
+    )
+    good = token(channels=["*"], publish=["*"])
+    # A token signed with the secret whose claims nest 2,800 deep: 7.5 KB, under the 8 KB
+    # a request line may be. Signed, so that the claims are decoded at all.
+    claims = '{"sub":"alice","exp":9999999999,"x":' + nested(2800) + "}"
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + "." + b64(claims.encode())
+    signature = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    deep_token = signing_input + "." + b64(signature)
+    assert len(deep_token) < 8000
+    status, body = gateway.http(f"/ws?token={deep_token}")
+    with connect(f"{gateway.ws_url}?token={good}", open_timeout=5) as ws:
+        ws.send(json.dumps({"op": "subscribe", "channel": "deep", "id": 1}))
+        assert json.loads(ws.recv(5))["op"] == "subscribed"
+        for frame in (
+            '{"op":"subscribe","channel":"a","id":2,"x":' + nested(10_000) + "}",
+            '{"op":"subscribe","channel":"a","id":3,"x":'
+            + '{"a":' * 10_000
+            + "1"
+            + "}" * 10_000
+            + "}",
+            '{"op":"publish","channel":"deep","id":4,"data":' + nested(10_000) + "}",
+            nested(10_000),
+            '{"op":"refresh","id":5,"token":"' + deep_token + '"}',
+        ):
+            ws.send(frame)
+            answer = json.loads(ws.recv(5))
+            assert answer["op"] == "error" and answer["code"] in ("bad_request", "forbidden"), (
+                answer
+            )
+            assert "deep" in answer["message"] or "depth" in answer["message"], answer
+        # Redis: an envelope 10,000 deep (in its data, and in a member nobody knows).
+        publisher = redis.Redis.from_url(redis_server.url)
+        for payload in (
+            b'{"v":1,"channel":"deep","mid":"m","ts":1,"data":' + nested(10_000).encode() + b"}",
+            b'{"v":1,"channel":"deep","mid":"m","ts":1,"data":1,"x":'
+            + nested(10_000).encode()
+            + b"}",
+        ):
+            assert publisher.publish("ws:deep", payload) == 1
+        publisher.publish("ws:deep", envelope("deep", "after"))
+        assert json.loads(ws.recv(5))["data"] == "after"
+        # Control: 4,000 deep fits in the 8 KiB a request may be; 10,000 is refused unread.
+        for depth in (4_000, 10_000):
+            request_ = '{"v":1,"op":"disconnect","user":"alice","id":"d","x":' + nested(depth) + "}"
+            publisher.publish("ws:@@control", request_)
+        wait_until(
+            lambda: (
+                gateway.metric("wsgateway_control_requests_total", op="-", result="malformed") == 2
+            )
+        )
+        ws.send('{"op":"ping","id":6}')
+        assert json.loads(ws.recv(5)) == {"op": "pong", "id": 6}
+        publisher.close()
+    assert status == 401 and "depth" in body, (status, body)
+    assert gateway.metric("wsgateway_messages_malformed_total", reason="depth") == 2
+    assert "Traceback" not in gateway.logs()

@@ -42,7 +42,8 @@ def test_the_document_says_the_policy_and_reads_back() -> None:
     # Fields a later version adds are ignored; another version or garbage is refused.
     later = kinds_document(GATEWAYS)[:-1] + b',"later":{"patterns":["x"]}}'
     assert parse_kinds(later) == GATEWAYS
-    for bad in (b"{}", b"not json", kinds_document(GATEWAYS).replace(b'"v":1', b'"v":2')):
+    deep = b'{"v":1,"x":' + b"[" * 10_000 + b"]" * 10_000 + b"}"  # raised RecursionError
+    for bad in (b"{}", b"not json", kinds_document(GATEWAYS).replace(b'"v":1', b'"v":2'), deep):
         with pytest.raises(ValueError):
             parse_kinds(bad)
 
