@@ -45,6 +45,8 @@ class Access:
     placed: frozenset[str] = frozenset()
     #: Patterns of the channels whose presence the connection may read (if they have it).
     presence: tuple[str, ...] = ()
+    #: The user's own personal channel (None: anonymous, or a sub that makes none).
+    own: str | None = None
 
     def can_subscribe(self, channel: str) -> bool:
         if channel.startswith(RESERVED_PREFIX):
@@ -67,6 +69,10 @@ class Access:
 
     def can_read_presence(self, channel: str) -> bool:
         if channel.startswith(RESERVED_PREFIX):
+            return False
+        if channel.startswith(PERSONAL_PREFIX) and channel != self.own:
+            # Who is connected to another user's personal channel, and their info, is
+            # theirs: whatever the patterns say (and whoever subs or a service put there).
             return False
         return any(fnmatchcase(channel, pattern) for pattern in self.presence)
 

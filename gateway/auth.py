@@ -109,6 +109,7 @@ class Authenticator:
             publish=_patterns(claims, "publish"),
             granted=frozenset(subs) | ({own} if own else set()),
             presence=_patterns(claims, "presence"),
+            own=own,
         )
         info = None
         if "info" in claims:

@@ -3,20 +3,25 @@ leave frames, and the lease that lets the other replicas send their leaves if it
 
 Joins and leaves of a channel are gathered for ``window`` seconds, then written to the store
 in one call. Each window the replica sends a channel at most one ``join`` and one ``leave``
-frame, of at most :data:`EVENT_MEMBERS` members; the rest wait for the next windows, in
-order. When more than :data:`STORM_MEMBERS` wait, the frame lists :data:`EVENT_MEMBERS` of
-them and says how many more there are (``more``), and the others are announced by that count
-only: whoever needs every name reads presence. So a storm (10,000 clients arriving, a dead
-replica's clients leaving) costs each member of the room at most two frames a window, never a
-frame per client, and never more bytes than it can read; up to 1,000 joins or leaves are
-still announced one by one. A client that joins and leaves before its join was announced is
-announced not at all.
+frame, of at most :data:`EVENT_MEMBERS` members and :data:`EVENT_BYTES` bytes of them; the
+rest wait for the next windows, in order. When more than :data:`STORM_MEMBERS` wait, the
+frame lists what fits and says how many more there are (``more``), and the others are
+announced by that count only: whoever needs every name reads presence. So a storm (10,000
+clients arriving, a dead replica's clients leaving) costs each member of the room at most
+two frames of 4 KiB a window from each replica, never a frame per client, while up to 1,000
+joins or leaves are still announced one by one. A client that joins and leaves before its
+join was announced is announced not at all.
 
-Every third of ``presence_ttl`` the replica pushes its members' expiry forward, and every
-third of ``presence_lease`` it renews its lease (recording the members it gained and lost) and
-looks for replicas whose lease ran out: the one that claims a dead replica removes its
-members from each channel and sends their leaves, once. After a Redis outage it writes all of
-its members again: presence is rebuilt from the live sessions.
+The replica's lease in the store names every member it holds before the store lists it, and
+until after the store no longer does: each flush records the members it writes first and
+forgets those it removed last, so a replica killed at any moment leaves no member that its
+survivors cannot find and send the leave of. Every sixth of ``presence_lease`` it extends
+its lease and looks for replicas whose lease ran out: the one that claims a dead replica
+removes its members from each channel and sends their leaves, once. Every third of
+``presence_ttl`` it pushes its members' expiry forward, channel by channel under the same
+lock as the flushes (so a renewal never writes a member back after its leave), leaving out
+joins not yet written. After a Redis outage it writes all of its members again: presence is
+rebuilt from the live sessions.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import itertools
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -42,12 +47,14 @@ if TYPE_CHECKING:
     from gateway.session import Session
     from gateway.stats import Stats
 
-__all__ = ["EVENT_MEMBERS", "STORM_MEMBERS", "Presence"]
+__all__ = ["EVENT_BYTES", "EVENT_MEMBERS", "STORM_MEMBERS", "Presence"]
 
 log = logging.getLogger("gateway.presence")
 
-#: Members one join or leave frame lists at most.
+#: Members one join or leave frame lists at most, and the bytes of their entries (at least
+#: one entry: with the largest info, 1 KiB, and sub, 256 characters, an entry is under 2 KiB).
 EVENT_MEMBERS = 100
+EVENT_BYTES = 4096
 #: Joins (or leaves) waiting to be announced on one channel beyond which they are announced
 #: by their count.
 STORM_MEMBERS = 1000
@@ -124,10 +131,11 @@ class Presence:
         self.stats = stats
         #: channel -> session -> its member, for the channels with presence only.
         self._members: dict[str, dict[Session, Member]] = {}
+        #: Each session's member (the same on all its channels, info and all: an info near
+        #: its 1 KiB limit held once, not once per channel) and on how many channels it is.
+        self._entries: dict[Session, list[Any]] = {}
         self._pending: dict[str, _Pending] = {}
         self._announcements: dict[str, _Announcements] = {}
-        self._lease_added: list[str] = []
-        self._lease_removed: list[str] = []
         self._flush: asyncio.TimerHandle | None = None
         self._writing = asyncio.Lock()  # one flush at a time, in order
         self._rebuild = False
@@ -141,12 +149,16 @@ class Presence:
         held = self._members.setdefault(channel, {})
         if session in held:
             return
-        client = client_id(session)
-        info = msgspec.Raw(session.info) if session.info is not None else None
-        entry: Member = (client, session.subject, _encode(_Entry(client, session.subject, info)))
-        held[session] = entry
-        self._pending_of(channel).joins[client] = entry
-        self._lease_added.append(member(client, channel))
+        shared = self._entries.get(session)
+        if shared is None:
+            client = client_id(session)
+            info = msgspec.Raw(session.info) if session.info is not None else None
+            entry = _encode(_Entry(client, session.subject, info))
+            shared = self._entries[session] = [(client, session.subject, entry), 0]
+        shared[1] += 1
+        member_of: Member = shared[0]
+        held[session] = member_of
+        self._pending_of(channel).joins[member_of[0]] = member_of
         self._schedule()
 
     def left(self, session: Session, channel: str) -> None:
@@ -156,10 +168,13 @@ class Presence:
         client = held.pop(session)[0]
         if not held:
             del self._members[channel]
+        shared = self._entries[session]
+        shared[1] -= 1
+        if not shared[1]:
+            del self._entries[session]
         pending = self._pending_of(channel)
         if pending.joins.pop(client, None) is None:  # a join still pending: as if never
             pending.leaves.append(client)
-        self._lease_removed.append(member(client, channel))
         self._schedule()
 
     def _pending_of(self, channel: str) -> _Pending:
@@ -180,26 +195,45 @@ class Presence:
 
     async def flush(self) -> None:
         """Write what is pending and announce what is due; what cannot be written (Redis is
-        down) is dropped: the rebuild after the outage writes the members that are still
-        here, and their leaves of the meantime are lost with the outage's messages."""
+        down) is dropped, and the next renewal writes every member still here again (their
+        leaves of the meantime are lost with the outage's messages)."""
         async with self._writing:
             pending, self._pending = self._pending, {}
             store = self.backplane.presence
             ttl_ms = int(self.policy.ttl * 1000)
-            for channel, changes in pending.items():
-                try:
+            try:
+                # The lease first: whatever the store lists, a survivor can find and remove.
+                added = [
+                    member(client, channel)
+                    for channel, changes in pending.items()
+                    for client in changes.joins
+                ]
+                if added:
+                    await self._record(added, [])
+                removed: list[str] = []
+                for channel, changes in pending.items():
                     if changes.joins:
                         joins = list(changes.joins.values())
                         await store.join(channel, joins, ttl_ms)
                         self.stats.presence["join"] += len(joins)
                         self._queue(channel, "join", [entry for _, _, entry in joins])
                     if changes.leaves:
-                        removed = await store.leave(channel, changes.leaves)
-                        self.stats.presence["leave"] += len(removed)
-                        self._queue(channel, "leave", removed)
-                except BackplaneUnavailable as exc:
-                    self._warn("presence of %s not written: %s", channel, exc)
+                        left = await store.leave(channel, changes.leaves)
+                        self.stats.presence["leave"] += len(left)
+                        self._queue(channel, "leave", left)
+                        removed += (member(client, channel) for client in changes.leaves)
+                # ... and last: a member leaves the lease once the store has let it go.
+                if removed:
+                    await self._record([], removed)
+            except BackplaneUnavailable as exc:
+                self._rebuild = True
+                self._warn("presence not written: %s", exc)
             await self._announce_due()
+
+    async def _record(self, added: list[str], removed: list[str]) -> None:
+        """Record members in (or out of) the replica's lease, and extend it."""
+        lease_ms = int(self.policy.lease * 1000)
+        await self.backplane.presence.renew_lease(self.replica, lease_ms, added, removed)
 
     def _queue(self, channel: str, event: str, entries: list[bytes]) -> None:
         """Wait ``entries`` for their announcement (on channels with join/leave)."""
@@ -222,8 +256,14 @@ class Presence:
                 queued: dict[str, bytes] = getattr(waiting, event)
                 if not queued:
                     continue
-                clients = list(itertools.islice(queued, EVENT_MEMBERS))
-                listed = [queued.pop(client) for client in clients]
+                listed: list[bytes] = []
+                size = 0
+                for client in list(itertools.islice(queued, EVENT_MEMBERS)):
+                    entry = queued[client]
+                    if listed and size + len(entry) > EVENT_BYTES:
+                        break
+                    listed.append(queued.pop(client))
+                    size += len(entry) + 1
                 more = 0
                 if len(queued) >= STORM_MEMBERS:
                     more = len(queued)
@@ -261,7 +301,11 @@ class Presence:
         self._rebuild = True
 
     async def serve(self) -> None:
-        """Renew the lease, the members' expiry, and reap dead replicas, until cancelled."""
+        """Renew the lease, the members' expiry, and reap dead replicas, until cancelled.
+
+        Every sixth of the lease: a replica killed just after a renewal has its lease run out
+        a lease later, and a survivor sees it within a sixth more, inside the documented
+        lease and a third."""
         loop = asyncio.get_running_loop()
         touched = loop.time()
         self._rebuild = True  # the first renewal records every member
@@ -271,36 +315,37 @@ class Presence:
                     rebuild, self._rebuild = self._rebuild, False
                     await self._touch_all(record=rebuild)
                     touched = loop.time()
-                await self._renew()
+                await self._record([], [])
                 await self._reap()
             except BackplaneUnavailable as exc:
                 self._rebuild = True
                 self._warn("presence lease not renewed: %s", exc)
-            await asyncio.sleep(self.policy.lease / 3)
+            await asyncio.sleep(self.policy.lease / 6)
 
     async def _touch_all(self, *, record: bool) -> None:
-        """Push every member's expiry forward (and write it again if Redis lost it)."""
+        """Push every member's expiry forward (and write it again if Redis lost it; with
+        ``record``, write it and record it in the lease whatever Redis has).
+
+        Channel by channel under the flushes' lock, from what the replica holds at that
+        moment less the joins not yet written (the next flush writes them): a member that
+        leaves meanwhile has its leave written after this, never before."""
         store = self.backplane.presence
         ttl_ms = int(self.policy.ttl * 1000)
-        for channel, held in list(self._members.items()):
-            entries = list(held.values())
-            for start in range(0, len(entries), 500):
-                batch = entries[start : start + 500]
-                # Only the expiry, unless Redis lost some (a restart): then the entries too.
-                if record or await store.touch(channel, [c for c, _, _ in batch], ttl_ms):
-                    await store.join(channel, batch, ttl_ms)
-            if record:
-                self._lease_added.extend(member(client, channel) for client, _, _ in entries)
-
-    async def _renew(self) -> None:
-        added, self._lease_added = self._lease_added, []
-        removed, self._lease_removed = self._lease_removed, []
-        # On failure they are dropped: the rebuild after the outage records every member
-        # still here, and a member recorded after it left is never announced (the store
-        # answers a leave only for members it has).
-        await self.backplane.presence.renew_lease(
-            self.replica, int(self.policy.lease * 1000), added, removed
-        )
+        for channel in list(self._members):
+            async with self._writing:
+                held = self._members.get(channel)
+                if not held:
+                    continue
+                pending = self._pending.get(channel)
+                unwritten = pending.joins if pending is not None else {}
+                entries = [entry for entry in held.values() if entry[0] not in unwritten]
+                for start in range(0, len(entries), 500):
+                    batch = entries[start : start + 500]
+                    if record:
+                        await self._record([member(client, channel) for client, _, _ in batch], [])
+                        await store.join(channel, batch, ttl_ms)
+                    elif await store.touch(channel, [client for client, _, _ in batch], ttl_ms):
+                        await store.join(channel, batch, ttl_ms)  # Redis lost some
 
     async def _reap(self) -> None:
         for replica, members in await self.backplane.presence.claim_dead():

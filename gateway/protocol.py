@@ -186,6 +186,9 @@ def parse_request(text: str) -> Request:
         return request
     if not isinstance(request, Ping) and not is_valid_channel(request.channel):
         raise RequestError(ErrorCode.BAD_REQUEST, _bad_channel(request.channel), request.id)
+    if isinstance(request, PresenceRequest) and int(request.cursor) >= 2**64:
+        # Redis cursors are unsigned 64-bit numbers: a larger one is the client's mistake.
+        raise RequestError(ErrorCode.BAD_REQUEST, "cursor is not a presence cursor", request.id)
     if isinstance(request, Subscribe) and request.since and not is_valid_epoch(request.since.epoch):
         raise RequestError(
             ErrorCode.BAD_REQUEST,

@@ -62,6 +62,7 @@ from gateway.protocol import (
     reply,
     subscribed,
 )
+from gateway.ratelimit import TokenBucket
 from gateway.session import INBOX, Limits, Session, SessionConnection, Unacceptable
 from gateway.settings import Settings
 from gateway.stats import Stats
@@ -591,6 +592,16 @@ class Gateway:
         if not session.access.can_read_presence(channel):
             raise RequestError(
                 ErrorCode.FORBIDDEN, f"not allowed to read the presence of {channel!r}", request.id
+            )
+        # A 40-byte request may bring back hundreds of KB and costs the shared Redis a scan:
+        # each connection gets a small rate of them of its own.
+        rate = self.settings.presence_read_rate
+        now = session.connection.loop.time()
+        if session.presence_reads is None:
+            session.presence_reads = TokenBucket(rate, 10 * rate, now)
+        if not session.presence_reads.take(now):
+            raise RequestError(
+                ErrorCode.LIMIT, f"at most {rate:g} presence reads a second", request.id
             )
         try:
             if isinstance(request, PresenceStats):

@@ -438,6 +438,7 @@ class Session:
         "outbox",
         "ping_due",
         "ping_sent",
+        "presence_reads",
         "reading",
         "refreshed_at",
         "refusals",
@@ -493,6 +494,8 @@ class Session:
         #: Loop time of its last refresh, and how many in a row were refused.
         self.refreshed_at = -math.inf
         self.refusals = 0
+        #: Its presence reads' token bucket, made with its first presence read.
+        self.presence_reads: TokenBucket | None = None
         connection.session = self
 
     def received(self, message: str | bytes | Unacceptable) -> bool:

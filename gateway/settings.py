@@ -309,6 +309,13 @@ class Settings(BaseSettings):
         description="members one presence reply lists, by default and at most (about: Redis "
         "returns a channel of up to 512 members whole)",
     )
+    presence_read_rate: float = Field(
+        2.0,
+        gt=0,
+        description="presence and presence_stats requests a second per connection (burst ten "
+        "times it, to page through a large room); beyond: the limit error. Each reads up to "
+        "GATEWAY_PRESENCE_PAGE members from Redis",
+    )
     presence_window: Seconds = Field(
         0.1,
         description="seconds a replica gathers joins and leaves before writing them to Redis; "

@@ -79,6 +79,19 @@ def test_idle_memory_bench_runs() -> None:
     assert "50 idle connections:" in result.stdout and "KiB each" in result.stdout
 
 
+def test_the_footprint_bench_runs() -> None:
+    """``python -m bench.footprint``, small: the figures of docs/limits.md's presence and
+    idempotency rows come out, and a 1 KB info costs more than none in Redis."""
+    result = bench(
+        "bench.footprint", "--members", "50", "--messages", "300", "--key", "128", timeout=100
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    small, large = figures["presence"]
+    assert large["redis_bytes_per_member"] > small["redis_bytes_per_member"] + 500, figures
+    assert figures["idempotency"][0]["redis_bytes_per_key"] > 128, figures
+
+
 def test_the_neighbour_bench_runs() -> None:
     """``python -m bench.neighbour``, small: both designs at one rate beside the spinning
     process, every message delivered, and the spinning process gone afterwards."""
