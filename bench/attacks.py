@@ -24,9 +24,12 @@ Attacks:
 * ``refresh``: connections with valid tokens (signed with ``--secret``) that send in-band
   refreshes of ``--size`` bytes with a wrong signature, as fast as the frame rate limit
   allows;
-* ``deltas``: a publisher of documents of ``--size`` bytes that change entirely, ``--rate``
-  a second, on a channel whose ``--clients`` subscribers take Fossil deltas (each delta
-  costs the replica's loop a search through the whole text).
+* ``deltas``: a publisher of documents of ``--size`` bytes of which ``--changed`` changes
+  (all of it by default), ``--rate`` a second, on a channel whose ``--clients`` subscribers
+  take Fossil deltas (each delta costs the replica's loop a search through the whole text),
+  leaving and coming back every ``--churn`` seconds if given;
+* ``presence``: connections that join and leave presence channels over and over, reading
+  presence between.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -43,7 +47,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from websockets.frames import Frame, Opcode
@@ -398,41 +402,107 @@ async def publish(args: argparse.Namespace, counts: Counts, stop: asyncio.Event)
 
 
 async def deltas(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
-    """Large documents that change entirely, published through Redis (appended: the
-    channel keeps history) to subscribers that asked for deltas."""
+    """Documents of ``--size`` bytes of which ``--changed`` (a share) changes each time,
+    published through Redis (appended: the channel keeps history) to subscribers that asked
+    for deltas; with ``--churn`` seconds, each subscriber leaves and comes back after that
+    long, over and over, and checks every subscription against the protocol's rule (offsets
+    following each other, the first full, each delta applying): ``problems`` counts those
+    that broke it."""
+    from redis.exceptions import RedisError
     from websockets.asyncio.client import connect
 
     from publisher import AsyncPublisher
+    from tests.harness import delta_problems
 
     subscribed = asyncio.Event()
+    request = {"op": "subscribe", "channel": args.channel, "delta": "fossil"}
+
+    def count(frame: dict[str, Any]) -> None:
+        if frame.get("op") == "message":
+            counts["messages"] += 1
+            counts["deltas" if frame.get("delta") else "fulls"] += 1
 
     async def follow() -> None:
         async with connect(args.url, ping_interval=None, max_size=None) as ws:
-            subscribe = {"op": "subscribe", "channel": args.channel, "delta": "fossil"}
-            await ws.send(json.dumps(subscribe))
-            async for text in ws:
-                frame = json.loads(text)
-                if frame.get("op") == "message":
-                    counts["messages"] += 1
-                    counts["deltas" if frame.get("delta") else "fulls"] += 1
-                elif frame.get("op") == "subscribed":
-                    counts["subscribed"] += 1
-                    if counts["subscribed"] == args.clients:
-                        subscribed.set()
+            while not stop.is_set():
+                await ws.send(json.dumps(request))
+                reply = json.loads(await ws.recv())
+                if reply.get("op") != "subscribed":  # Redis down: the replica said unavailable
+                    counts[f"error:{reply.get('code')}"] += 1
+                    await asyncio.sleep(0.5)
+                    continue
+                counts["subscribed"] += 1
+                if counts["subscribed"] == args.clients:
+                    subscribed.set()
+                frames: list[dict[str, Any]] = []
+                if not args.churn:
+                    async for text in ws:
+                        count(json.loads(text))
+                    return
+                await asyncio.sleep(args.churn)
+                await ws.send(json.dumps({"op": "unsubscribe", "channel": args.channel}))
+                while (frame := json.loads(await ws.recv())).get("op") != "unsubscribed":
+                    count(frame)
+                    frames.append(frame)
+                if delta_problems(reply, frames):
+                    counts["problems"] += 1
 
     followers = [asyncio.create_task(follow()) for _ in range(args.clients)]
+    document = bytearray(os.urandom(args.size // 2).hex().encode())
+    changed = max(1, int(len(document) * args.changed))
     try:
         async with AsyncPublisher(args.redis) as publisher:
             await subscribed.wait()
             while not stop.is_set():
-                document = {"text": os.urandom(args.size // 2).hex()}
+                at = int.from_bytes(os.urandom(4), "big") % (len(document) - changed + 1)
+                document[at : at + changed] = os.urandom(changed // 2 + 1).hex()[:changed].encode()
                 counts["published"] += 1  # (the last may be cut short by the stop)
-                await publisher.append(args.channel, document)
+                try:
+                    await publisher.append(args.channel, {"text": document.decode()})
+                except (RedisError, OSError):  # Redis restarting: on with the next
+                    counts["publish_failed"] += 1
                 await asyncio.sleep(1 / args.rate)
     finally:
         await asyncio.sleep(1)  # the last messages on their way
         for task in followers:
             task.cancel()
+        outcomes = await asyncio.gather(*followers, return_exceptions=True)
+        counts["followers_failed"] += sum(
+            isinstance(o, Exception) and not isinstance(o, asyncio.CancelledError) for o in outcomes
+        )
+
+
+async def presence(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """Connections that join and leave ``--names`` presence channels (with join/leave) over
+    and over, as fast as the frame rate limit lets them, reading a channel's presence between
+    (``error:limit`` counts the reads beyond the presence read rate)."""
+    from websockets.asyncio.client import connect
+
+    names = args.names or 20
+
+    async def one(worker: int) -> None:
+        async with connect(args.url, ping_interval=None, max_size=None) as ws:
+            round_ = 0
+            while not stop.is_set():
+                channels = [f"{args.channel}.{(worker + round_ + n) % 97}" for n in range(names)]
+                for op in ("subscribe", "unsubscribe"):
+                    for channel in channels:
+                        await ws.send(json.dumps({"op": op, "channel": channel}))
+                    if op == "subscribe":
+                        read = {"op": "presence", "channel": channels[0], "id": round_}
+                        await ws.send(json.dumps(read))
+                    answered = 0
+                    while answered < len(channels):
+                        frame = json.loads(await ws.recv())
+                        kind = frame.get("op")
+                        counts[str(kind) if kind != "error" else f"error:{frame['code']}"] += 1
+                        answered += kind == op + "d"
+                round_ += 1
+                await asyncio.sleep((2 * names + 1) / 40)  # under the frame rate limit (50)
+
+    await asyncio.gather(
+        *(forever(counts, stop, functools.partial(one, n)) for n in range(args.clients))
+    )
 
 
 async def refresh(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
@@ -484,6 +554,7 @@ ATTACKS = {
     "resume": resume,
     "deltas": deltas,
     "refresh": refresh,
+    "presence": presence,
 }
 
 
@@ -515,7 +586,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=0.05, help="headers: between lines")
     parser.add_argument("--clients", type=int, default=10, help="pings, fragments, churn, resume")
     parser.add_argument("--per-connection", type=int, default=20, help="churn")
-    parser.add_argument("--names", type=int, default=0, help="channels: stop after this many")
+    parser.add_argument(
+        "--names",
+        type=int,
+        default=0,
+        help="channels: stop after this many; presence: channels a round (default 20)",
+    )
     parser.add_argument(
         "--opened", type=int, default=0, help="stop after opening this many connections"
     )
@@ -534,6 +610,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-read", action="store_true", help="resume")
     parser.add_argument("--secret", default="", help="refresh: the gateway's JWT secret")
+    parser.add_argument("--changed", type=float, default=1.0, help="deltas: share changed")
+    parser.add_argument("--churn", type=float, default=0, help="deltas: seconds subscribed")
     parser.add_argument(
         "--behind", type=int, default=0, help="resume: this many messages behind (0: offset 0)"
     )

@@ -3,7 +3,12 @@
 One real gateway on one real Redis takes everything at once for ``--seconds``:
 
 * mixed traffic: ``--subscribers`` clients (``bench.loadclient``) on a channel published at
-  ``--rate`` messages a second, and a history channel published at a tenth of that;
+  ``--rate`` messages a second, and a history channel published at a tenth of that; every
+  client has a token (the replica requires them);
+* the newer features all along: a delta channel whose document changes a little five times
+  a second, its subscribers leaving and coming back every half second, each subscription
+  checked against the protocol's rule; clients joining and leaving presence channels and
+  reading their presence; in-band refreshes with large forged tokens;
 * hostile clients all along: ping floods, unfinished handshakes with large headers,
   fragment floods, connection churn, subscribe/unsubscribe churn of fresh channel names;
 * a resume storm every minute: 40 clients resume the history channel 200 messages behind;
@@ -31,13 +36,31 @@ from publisher.history import HistoryPolicy
 from tests.harness import GatewayProcess, RedisServer
 from tests.siege import Program, Sampler, attack, canary
 
+SECRET = "soak-secret-soak-secret-soak-secret-0123"
+
 HOSTILE: dict[str, dict[str, float | str | bool]] = {
     "pings": {"clients": 2},
     "headers": {"sockets": 200, "interval": 0.5},
     "fragments": {"clients": 1},
     "churn": {"clients": 4},
     "channels": {"clients": 1},
+    "presence": {"clients": 4, "channel": "room"},
+    "refresh": {"clients": 4, "size": 60_000, "secret": SECRET},
 }
+
+
+def token() -> str:
+    """What every well-behaved (and every hostile) client connects with: any channel."""
+    import jwt
+
+    claims = {
+        "sub": "soak",
+        "exp": int(time.time()) + 24 * 3600,
+        "channels": ["*"],
+        "publish": ["*"],
+        "presence": ["*"],
+    }
+    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 def slope_mib_per_hour(samples: list[tuple[float, int, int]], skip: float) -> float:
@@ -102,7 +125,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workdir,
         {
             "GATEWAY_REDIS_URL": server.url,
-            "GATEWAY_HISTORY_CHANNELS": "h.*",
+            "GATEWAY_HISTORY_CHANNELS": "h.*,d.*",
+            "GATEWAY_DELTA_CHANNELS": "d.*",
+            "GATEWAY_PRESENCE_CHANNELS": "room.*",
+            "GATEWAY_JOIN_LEAVE_CHANNELS": "room.*",
+            "GATEWAY_JWT_SECRET": SECRET,
+            "GATEWAY_MAX_CONNECTIONS_PER_USER": "0",
             "GATEWAY_LOG_LEVEL": "info",
             "GATEWAY_RATE_LIMIT": "50",
             # The load clients count frames and answer nothing, keepalive pings included:
@@ -118,9 +146,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     traffic = Traffic(server.url, args.rate)
     sampler = Sampler(gateway.process.pid, interval=1.0)
     try:
-        url = gateway.ws_url
+        url = f"{gateway.ws_url}?token={token()}"
         traffic.start()
-        clients = start_clients(url + "?channels=bench", args.subscribers, 0)
+        clients = start_clients(url + "&channels=bench", args.subscribers, 0)
         watcher = canary(url, redis_url=server.url, report_every=10)
         with sampler:
             started = time.monotonic()
@@ -129,7 +157,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return time.monotonic() - started
 
             for name, options in HOSTILE.items():
-                hostile[name] = attack(name, url, **options)
+                # The refresh attack brings tokens of its own (a second one is a 400).
+                hostile[name] = attack(
+                    name, gateway.ws_url if name == "refresh" else url, **options
+                )
+            hostile["deltas"] = attack(
+                "deltas",
+                url,
+                clients=4,
+                channel="d.doc",
+                redis=server.url,
+                size=20_000,
+                rate=5,
+                changed=0.05,
+                churn=0.5,
+            )
             events.append((now(), "hostile clients start"))
             restarted = False
             next_storm = 30.0

@@ -501,6 +501,37 @@ async def resume(url: str, channel: str, since: int, epoch: str, last: int) -> l
         return messages
 
 
+def delta_problems(reply: dict[str, Any], frames: list[dict[str, Any]]) -> list[str]:
+    """What is wrong with a delta subscription's frames after its ``subscribed`` reply (the
+    first thing, or nothing), by docs/protocol.md's rule: every message after the reply's
+    offset comes as text, with offsets following each other, the first as its full text
+    (``"delta": false``), each delta applying to the text before it."""
+    from gateway import fossil
+
+    expected, text = reply["offset"] + 1, None
+    for frame in frames:
+        if frame.get("op") != "message" or frame.get("offset") is None:
+            continue
+        if frame["offset"] < expected:
+            continue  # replayed, or the latest value: ordinary frames
+        where = f"offset {frame['offset']}"
+        if frame["offset"] != expected:
+            return [f"{where}: expected offset {expected}"]
+        if "delta" not in frame:
+            return [f"{where}: an ordinary frame after the reply's offset"]
+        if frame["delta"]:
+            if text is None:
+                return [f"{where}: a delta before any full text"]
+            try:
+                text = fossil.apply(text, frame["data"].encode())
+            except fossil.DeltaError as exc:
+                return [f"{where}: {exc}"]
+        else:
+            text = frame["data"].encode()
+        expected += 1
+    return []
+
+
 async def expect_silence(ws: ClientConnection, seconds: float = 0.3) -> None:
     """Assert that nothing arrives for ``seconds``."""
     try:

@@ -28,6 +28,7 @@ from tests.harness import (
     RawClient,
     RedisServer,
     client,
+    delta_problems,
     expect_silence,
     recv_json,
     request,
@@ -270,36 +271,6 @@ def test_a_subscriber_whose_queue_dropped_messages_gets_a_full_text_next(
         offset = m["offset"]
         assert json.loads(text)["version"] == m["offset"]
     assert useless == [], f"{len(useless)} of {len(messages)} deltas without their base"
-
-
-def delta_problems(reply: dict[str, Any], frames: list[dict[str, Any]]) -> list[str]:
-    """What is wrong with a delta subscription's frames after its ``subscribed`` reply, by
-    docs/protocol.md's rule: every message after the reply's offset comes as text, with
-    offsets following each other, the first as its full text (``"delta": false``), each
-    delta applying to the text before it."""
-    problems: list[str] = []
-    expected, text = reply["offset"] + 1, None
-    for frame in frames:
-        if frame.get("op") != "message" or frame.get("offset") is None:
-            continue
-        if frame["offset"] < expected:
-            continue  # replayed, or the latest value: ordinary frames
-        where = f"offset {frame['offset']}"
-        if frame["offset"] != expected:
-            return [*problems, f"{where}: expected offset {expected}"]
-        if "delta" not in frame:
-            return [*problems, f"{where}: an ordinary frame after the reply's offset"]
-        if frame["delta"]:
-            if text is None:
-                return [*problems, f"{where}: a delta before any full text"]
-            try:
-                text = fossil.apply(text, frame["data"].encode())
-            except fossil.DeltaError as exc:
-                return [*problems, f"{where}: {exc}"]
-        else:
-            text = frame["data"].encode()
-        expected += 1
-    return problems
 
 
 @pytest.mark.parametrize("coalesce", ["adaptive", "window"])

@@ -4,6 +4,7 @@ more than the messages published while it was gone."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import re
@@ -204,3 +205,47 @@ async def test_a_replica_starts_before_redis_and_becomes_ready_when_it_appears(
     assert gateway.http("/healthz")[0] == 200
     redis_server.start()
     await async_wait_until(lambda: gateway.http("/readyz")[0] == 200, timeout=15)
+
+
+async def test_subscribes_caught_by_a_redis_outage_get_unavailable_never_1011(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """Clients keep asking for fresh channels while Redis is killed and started again:
+    requests waiting for the backplane's lock when the connection went found it gone
+    (found by the soak: 1011 and an AttributeError per request, and confirmation futures
+    failed with nobody to hear it). Each gets `subscribed` or `unavailable`."""
+    gateway = gateway_factory(
+        {**FAST_RECOVERY, "GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_RATE_LIMIT": "100000"}
+    )
+    answers: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def ask(worker: int) -> None:
+        async with client(gateway.ws_url) as ws:
+            for batch in range(10_000):
+                if stop.is_set():
+                    return
+                names = [f"fresh.{worker}.{batch}.{n}" for n in range(50)]
+                for name in names:
+                    await ws.send(json.dumps({"op": "subscribe", "channel": name}))
+                for _ in names:
+                    reply = await recv_json(ws, timeout=10)
+                    answers[reply.get("code", reply["op"])] += 1
+                for name in names:
+                    await ws.send(json.dumps({"op": "unsubscribe", "channel": name}))
+                for _ in names:
+                    await recv_json(ws, timeout=10)
+
+    askers = [asyncio.create_task(ask(n)) for n in range(4)]
+    await asyncio.sleep(1.0)
+    for _ in range(3):
+        redis_server.kill()
+        await asyncio.sleep(0.3)
+        redis_server.start()
+        await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*askers)  # no ConnectionClosed: nobody was closed
+    assert set(answers) <= {"subscribed", "unavailable"}, answers
+    assert answers["unavailable"] > 0 and answers["subscribed"] > 0, answers
+    logs = gateway.logs()
+    assert "Traceback" not in logs and "never retrieved" not in logs

@@ -98,7 +98,10 @@ class Confirmations:
             self._waiting.pop(key, None)
 
     def forget(self, key: bytes, waiter: asyncio.Future[None]) -> None:
-        """``waiter`` no longer waits (confirmed, timed out or failed)."""
+        """``waiter`` no longer waits (confirmed, timed out or failed; a failure nobody
+        awaited, the connection lost before the SUBSCRIBE was sent, is retrieved here)."""
+        if waiter.done() and not waiter.cancelled():
+            waiter.exception()
         waiters = self._waiting.get(key)
         if waiters is not None:
             if waiter in waiters:

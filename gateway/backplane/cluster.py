@@ -45,6 +45,7 @@ from gateway.backplane.base import (
     RedisOptions,
 )
 from gateway.backplane.commands import LOST as _LOST
+from gateway.backplane.commands import PUBSUB_LOST as _PUBSUB_LOST
 from gateway.backplane.commands import RedisCommands
 from gateway.history import Page, ReadLimit
 from gateway.turns import Turns
@@ -106,10 +107,12 @@ class _Node:
             raise
 
     async def _ssubscribe(self, keys: list[bytes], timeout: float) -> None:
-        assert self.pubsub is not None
+        pubsub = self.pubsub
+        if pubsub is None:  # lost since it was connected
+            raise BackplaneUnavailable(f"lost node {self.name}")
         waiters = [self.confirmations.expect(key) for key in keys]
         try:
-            await self.pubsub.ssubscribe(*keys)
+            await pubsub.ssubscribe(*keys)
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*waiters)
         finally:
@@ -119,7 +122,7 @@ class _Node:
     async def unsubscribe(self, channels: list[str]) -> None:
         self.channels.difference_update(channels)
         if self.pubsub is not None and self.connected and channels:
-            with contextlib.suppress(*_LOST):
+            with contextlib.suppress(*_PUBSUB_LOST):
                 await self.pubsub.sunsubscribe(*(self.backplane.names.key(c) for c in channels))
 
     async def _read(self) -> None:
@@ -301,7 +304,7 @@ class RedisClusterBackplane(Backplane):
                     # channel where it lives now, instead of failing the client's subscribe.
                     await self._cluster.nodes_manager.initialize()
                     await self._place([channel])
-        except (*_LOST, BackplaneUnavailable) as exc:
+        except (*_PUBSUB_LOST, BackplaneUnavailable) as exc:
             self._wanted.discard(channel)
             self._owner.pop(channel, None)
             self.changed.set()

@@ -39,10 +39,13 @@ from publisher.presence import (
 )
 from publisher.presence import READ_LUA as PRESENCE_READ_LUA
 
-__all__ = ["LOST", "RedisCommands"]
+__all__ = ["LOST", "PUBSUB_LOST", "RedisCommands"]
 
 #: What a lost or failing Redis raises.
 LOST = (RedisError, OSError, asyncio.TimeoutError)
+#: ... and what a (S)SUBSCRIBE on a lost pub/sub connection may raise: uvloop says "the
+#: handler is closed" (RuntimeError) when the socket went before redis-py noticed.
+PUBSUB_LOST = (*LOST, RuntimeError)
 
 
 def _now_ms() -> int:

@@ -40,6 +40,7 @@ from gateway.backplane.base import (
     RedisOptions,
 )
 from gateway.backplane.commands import LOST as _LOST
+from gateway.backplane.commands import PUBSUB_LOST as _PUBSUB_LOST
 from gateway.backplane.commands import RedisCommands
 from gateway.history import Page, ReadLimit
 from gateway.turns import Turns
@@ -138,18 +139,21 @@ class RedisBackplane(Backplane):
             await client.connection_pool.disconnect()
 
     async def subscribe(self, channel: str) -> None:
-        if not self._connected or self._pubsub is None:
-            raise BackplaneUnavailable("backplane is reconnecting to Redis")
         key = self.names.key(channel)
         self._wanted.add(channel)
         waiter: asyncio.Future[None] | None = None
         try:
             async with self._lock:
+                # Checked once the lock is ours: the connection may have been lost while
+                # this waited behind other subscriptions.
+                pubsub = self._pubsub
+                if not self._connected or pubsub is None:
+                    raise BackplaneUnavailable("backplane is reconnecting to Redis")
                 waiter = self._confirmations.expect(key)
-                await self._pubsub.subscribe(key)
+                await pubsub.subscribe(key)
             async with asyncio.timeout(self.options.subscribe_timeout):
                 await waiter
-        except (*_LOST, BackplaneUnavailable) as exc:
+        except (*_PUBSUB_LOST, BackplaneUnavailable) as exc:
             self._wanted.discard(channel)
             await self.unsubscribe(channel)  # in case the SUBSCRIBE lands after all
             raise BackplaneUnavailable(f"Redis did not confirm the subscription: {exc}") from None
@@ -159,12 +163,13 @@ class RedisBackplane(Backplane):
 
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
-        if not self._connected or self._pubsub is None:
-            return  # a fresh connection subscribes only what is still wanted
         try:
             async with self._lock:
-                await self._pubsub.unsubscribe(self.names.key(channel))
-        except _LOST as exc:
+                pubsub = self._pubsub
+                if not self._connected or pubsub is None:
+                    return  # a fresh connection subscribes only what is still wanted
+                await pubsub.unsubscribe(self.names.key(channel))
+        except _PUBSUB_LOST as exc:
             log.debug("unsubscribe %s failed: %s", channel, exc)
 
     async def publish(self, channel: str, envelope: bytes) -> int:
