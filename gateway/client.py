@@ -133,7 +133,9 @@ class Client:
         self.open_timeout = open_timeout
         self.ping_interval = ping_interval
         self.refresh_before = refresh_before
-        #: Ask for Fossil deltas (where the gateway allows them); applied here, transparently.
+        #: Ask for Fossil deltas (where the gateway allows them); applied here, transparently:
+        #: every message after a subscription's offset comes as text (the first full), the
+        #: replayed ones and a state channel's latest as ordinary frames.
         self.deltas = deltas
         #: Each delta channel's last message as text: what the next delta applies to.
         self._bases: dict[str, tuple[int, str, bytes]] = {}

@@ -24,8 +24,10 @@ from tests.siege import Sampler, attack, canary
 
 pytestmark = pytest.mark.attack
 
-#: How long each attack runs.
+#: How long each attack runs, and the canary at least (it publishes 20 messages a second;
+#: assert_canary_unharmed wants more than 50 of them).
 ATTACK_SECONDS = 10.0
+CANARY_SECONDS = 5.0
 #: The canary's ping round trip (ms) at the 99th percentile, at most: 100 ms while clients
 #: flood frames (the issue's guard), twice that for attacks that make the replica accept or
 #: read megabytes at a time on this 2-core machine (measured: 30 to 80 ms). Generous guards:
@@ -56,6 +58,7 @@ def siege(
     seconds after it, for its last messages."""
     assert gateway.process is not None
     watcher = canary(canary_url or gateway.ws_url, redis_url=redis_url)
+    started = time.monotonic()
     try:
         time.sleep(1.0)  # the canary's first messages and pings, before any attack
         with Sampler(gateway.process.pid) as sampler:
@@ -67,7 +70,10 @@ def siege(
                 hostile.wait(seconds / 2)
             finally:
                 report = hostile.stop()
-            time.sleep(settle)  # the canary's last messages, after the attack
+            # The canary's last messages, after the attack; and at least CANARY_SECONDS in
+            # all, so that it publishes enough to judge by when an attack ends by itself
+            # early (12,000 channel names took 20 s on a slower machine, 1.5 s on this one).
+            time.sleep(max(settle, started + CANARY_SECONDS - time.monotonic()))
         observed = watcher.stop()
     finally:
         watcher.kill()

@@ -36,8 +36,9 @@ function send(request) {
   ws.send(JSON.stringify(request));
 }
 
-// Fossil deltas (docs/protocol.md, "Delta compression"): the gateway sends a channel that
-// allows them as the full text of a message, then deltas against the previous one.
+// Fossil deltas (docs/protocol.md, "Delta compression"): on a channel that allows them, every
+// message after the subscribed reply's offset comes as text, the first as its full text, then
+// deltas against the previous one; replayed and latest messages come as ordinary frames.
 const bases = new Map(); // channel -> {offset, epoch, bytes} of the last text received
 const DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~";
 const VALUES = new Map([...DIGITS].map((c, i) => [c.charCodeAt(0), i]));
