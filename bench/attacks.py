@@ -29,7 +29,8 @@ Attacks:
   take Fossil deltas (each delta costs the replica's loop a search through the whole text),
   leaving and coming back every ``--churn`` seconds if given;
 * ``presence``: connections that join and leave presence channels over and over, reading
-  presence between.
+  presence between;
+* ``reads``: connections that read one channel's presence as fast as they may send.
 """
 
 from __future__ import annotations
@@ -505,6 +506,26 @@ async def presence(args: argparse.Namespace, counts: Counts, stop: asyncio.Event
     )
 
 
+async def reads(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
+    """Connections that read the presence of ``--channel`` over and over, as fast as the
+    frame rate limit lets them: each 40-byte request would bring back up to a page of
+    members and cost Redis a scan."""
+    from websockets.asyncio.client import connect
+
+    async def one() -> None:
+        async with connect(args.url, ping_interval=None, max_size=None) as ws:
+            request = json.dumps({"op": "presence", "channel": args.channel})
+            while not stop.is_set():
+                await ws.send(request)
+                answer = await ws.recv()
+                counts["bytes_received"] += len(answer)
+                kind = json.loads(answer).get("op")
+                counts["pages" if kind == "presence" else "refused"] += 1
+                await asyncio.sleep(1 / 40)  # under the frame rate limit (50)
+
+    await asyncio.gather(*(forever(counts, stop, one) for _ in range(args.clients)))
+
+
 async def refresh(args: argparse.Namespace, counts: Counts, stop: asyncio.Event) -> None:
     """Refreshes with large forged tokens: each would be decoded whole before its signature
     is checked."""
@@ -555,6 +576,7 @@ ATTACKS = {
     "deltas": deltas,
     "refresh": refresh,
     "presence": presence,
+    "reads": reads,
 }
 
 

@@ -601,7 +601,7 @@ class Gateway:
             session.presence_reads = TokenBucket(rate, 10 * rate, now)
         if not session.presence_reads.take(now):
             raise RequestError(
-                ErrorCode.LIMIT, f"at most {rate:g} presence reads a second", request.id
+                ErrorCode.LIMIT, f"presence reads are limited to {rate:g} a second", request.id
             )
         try:
             if isinstance(request, PresenceStats):

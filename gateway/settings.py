@@ -310,7 +310,7 @@ class Settings(BaseSettings):
         "returns a channel of up to 512 members whole)",
     )
     presence_read_rate: float = Field(
-        2.0,
+        1.0,
         gt=0,
         description="presence and presence_stats requests a second per connection (burst ten "
         "times it, to page through a large room); beyond: the limit error. Each reads up to "

@@ -474,3 +474,47 @@ def test_refreshes_with_large_forged_tokens_are_refused_unread_then_closed(
         )
         >= report["close:1008"]
     )
+
+
+def test_presence_reads_cannot_turn_small_requests_into_a_busy_redis(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """40 connections read the presence of a room of 1,000 members (300-byte entries) as
+    fast as the frame rate limit lets them: each 40-byte request brings back 300 KB and
+    costs the shared Redis a scan. Before, that was 2,000 reads a second and Redis at half
+    a core; now each connection gets GATEWAY_PRESENCE_READ_RATE (2) a second, the rest
+    `limit` without touching Redis."""
+    from publisher.presence import JOIN_LUA, PURGE, presence_keys
+
+    gateway = gateway_factory(
+        {
+            "GATEWAY_REDIS_URL": redis_server.url,
+            "GATEWAY_PRESENCE_CHANNELS": "room.*",
+            "GATEWAY_LOG_LEVEL": "info",
+        }
+    )
+    # The room's members, written as a replica writes them (the reads only scan Redis).
+    now_ms = int(time.time() * 1000)
+    args: list[str | int] = [PURGE, now_ms, now_ms + 600_000, 600_000]
+    for n in range(1000):
+        client_id = f"{n:032x}"
+        entry = json.dumps({"client": client_id, "user": f"u{n}", "info": {"bio": "x" * 230}})
+        args += [client_id, f"u{n}", entry]
+    redis_server.command("EVAL", JOIN_LUA, "3", *presence_keys("ws:", "room.big"), *map(str, args))
+    cpu_before = redis_cpu(redis_server)
+    report, observed, _ = siege(
+        gateway, "reads", redis_url=redis_server.url, clients=40, channel="room.big"
+    )
+    redis_share = (redis_cpu(redis_server) - cpu_before) / report["seconds"]
+    assert report["pages"] > 40, report
+    assert report["pages"] <= 40 * (20 + 2 * report["seconds"]) + 40, report  # burst + rate
+    assert report["refused"] > 5 * report["pages"], report
+    assert redis_share < 0.15, redis_share
+    assert_canary_unharmed(observed)
+
+
+def redis_cpu(server: RedisServer) -> float:
+    """CPU seconds the Redis server has used."""
+    info = server.command("INFO", "cpu")
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return float(fields["used_cpu_sys"]) + float(fields["used_cpu_user"])

@@ -331,7 +331,7 @@ async def test_delta_subscribers_that_leave_and_come_back_lose_nothing(
             await publisher
     problems = [problem for _, result in results for problem in result]
     assert problems == [], (len(problems), problems[:10])
-    assert all(received > 100 for received, _ in results), results
+    assert all(received > 50 for received, _ in results), results
     assert "Traceback" not in gateway.logs()
 
 

@@ -485,7 +485,7 @@ async def test_presence_reads_have_a_rate_of_their_own(gateway_factory: GatewayF
         assert len(refused) == 1 and len(answers) - len(refused) == 20, answers
         assert (refused[0]["code"], refused[0]["message"]) == (
             "limit",
-            "at most 2 presence reads a second",
+            "presence reads are limited to 2 a second",
         )
         assert await ask(ws, {"op": "ping", "id": 2}) == {"op": "pong", "id": 2}
         await asyncio.sleep(0.5)  # one more a half second later

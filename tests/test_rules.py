@@ -75,10 +75,14 @@ def test_authenticator_reads_claims() -> None:
     identity = auth.authenticate(hs_token(channels=["a.*"], publish="chat"))
     assert identity.subject == "alice"
     own = frozenset({"@alice"})  # the user's personal channel is always theirs
-    assert identity.access == Access(subscribe=("a.*",), publish=("chat",), granted=own)
+    assert identity.access == Access(
+        subscribe=("a.*",), publish=("chat",), granted=own, own="@alice"
+    )
     assert identity.expires_at is not None and identity.expires_at > time.time()
     # No channels claim: nothing, not the anonymous patterns.
-    assert auth.authenticate(hs_token()).access == Access(subscribe=(), publish=(), granted=own)
+    assert auth.authenticate(hs_token()).access == Access(
+        subscribe=(), publish=(), granted=own, own="@alice"
+    )
     # subs: channels granted by name, made at connect.
     with_subs = auth.authenticate(hs_token(subs=["room.7"]))
     assert with_subs.subs == ("room.7",)
@@ -96,6 +100,11 @@ def test_personal_channels_and_granted_names() -> None:
     assert not everything.can_subscribe("@bob")  # "*" never reaches another's
     assert everything.can_subscribe("news")
     assert Access(subscribe=(), granted=frozenset({"room.7"})).can_subscribe("room.7")
+    # Presence: a personal channel's is its user's alone, whatever the patterns.
+    reader = Access(subscribe=(), presence=("*",), own="@alice", granted=frozenset({"@bob"}))
+    assert reader.can_read_presence("@alice") and reader.can_read_presence("room.7")
+    assert not reader.can_read_presence("@bob") and not reader.can_read_presence("@@control")
+    assert not Access(subscribe=(), presence=("*",)).can_read_presence("@alice")  # anonymous
 
 
 def test_a_refresh_must_name_the_same_subject() -> None:
