@@ -481,9 +481,10 @@ def test_presence_reads_cannot_turn_small_requests_into_a_busy_redis(
 ) -> None:
     """40 connections read the presence of a room of 1,000 members (300-byte entries) as
     fast as the frame rate limit lets them: each 40-byte request brings back 300 KB and
-    costs the shared Redis a scan. Before, that was 2,000 reads a second and Redis at half
-    a core; now each connection gets GATEWAY_PRESENCE_READ_RATE (2) a second, the rest
-    `limit` without touching Redis."""
+    costs the shared Redis a scan. Before, that was 600 reads a second here (1.9 GB sent in
+    10 s; Redis at half a core in the issue's measurement); now each connection gets
+    GATEWAY_PRESENCE_READ_RATE (1) a second, ten at once, the rest `limit` without touching
+    Redis: 0.08 of a core."""
     from publisher.presence import JOIN_LUA, PURGE, presence_keys
 
     gateway = gateway_factory(
@@ -507,7 +508,8 @@ def test_presence_reads_cannot_turn_small_requests_into_a_busy_redis(
     )
     redis_share = (redis_cpu(redis_server) - cpu_before) / report["seconds"]
     assert report["pages"] > 40, report
-    assert report["pages"] <= 40 * (20 + 2 * report["seconds"]) + 40, report  # burst + rate
+    # Ten at once, then one a second, per connection (GATEWAY_PRESENCE_READ_RATE).
+    assert report["pages"] <= 40 * (10 + 1 * report["seconds"]) + 40, report
     assert report["refused"] > 5 * report["pages"], report
     assert redis_share < 0.15, redis_share
     assert_canary_unharmed(observed)
