@@ -96,7 +96,7 @@ class Traffic:
         self._thread.join(10)
 
     def _run(self) -> None:
-        policy = HistoryPolicy(patterns=("h.*",))
+        policy = HistoryPolicy(patterns=("h.*", "d.*"))  # as the gateway's: no warning
         interval = 1 / self.rate
         publisher: Publisher | None = None
         started = time.monotonic()

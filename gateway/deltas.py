@@ -34,7 +34,8 @@ Variant = tuple[Text, Text | None]
 class DeltaChain:
     """The last numbered message of a channel, as the base of the next one's delta."""
 
-    __slots__ = ("epoch", "max_bytes", "newest", "offset", "text")
+    # __weakref__: a queue remembers broken chains without keeping them alive.
+    __slots__ = ("__weakref__", "epoch", "max_bytes", "newest", "offset", "text")
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes

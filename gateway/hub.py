@@ -173,7 +173,7 @@ class _Channel:
 class _Read:
     """One read of a channel's history, shared by the subscribers that asked together."""
 
-    __slots__ = ("after", "done", "kept", "kept_texts", "messages", "page")
+    __slots__ = ("after", "done", "kept", "messages", "page")
 
     def __init__(self, after: int, messages: int) -> None:
         self.after = after
@@ -182,8 +182,6 @@ class _Read:
         #: A read that brings the newest message: what the channel delivered since it
         #: started, for subscribers who join it while it is in flight.
         self.kept: list[Outbound] = []
-        #: The same, as subscribers that take deltas keep them (the chain's as full texts).
-        self.kept_texts: list[Outbound] = []
         #: The entries decoded and framed once for all readers (None: malformed).
         self.page: Page[Outbound | None] = Page(None, 0)
 
@@ -580,7 +578,6 @@ class Hub:
                     kept.extend(fulls if local.wants_deltas(session) else batch)
                 if local.latest_read is not None:
                     local.latest_read.kept.extend(batch)
-                    local.latest_read.kept_texts.extend(fulls)
             if local.catching:
                 self._deliver_catching(local, batch, variants)
         self.stats.writes += writes
@@ -729,11 +726,10 @@ class Hub:
         self._write(local)
         if latest_only and (joined := self._join_from_memory(session, local, since)):
             return joined
-        in_flight = local.latest_read if latest_only else None
-        # Joining a read in flight, it keeps what the read has seen delivered since it started.
-        kept: list[Outbound] = []
-        if in_flight is not None:
-            kept = list(in_flight.kept_texts if local.wants_deltas(session) else in_flight.kept)
+        # Joining a read in flight, it keeps what the read has seen delivered since it started
+        # (as ordinary frames: one that takes deltas reads for itself, keeping texts).
+        in_flight = local.latest_read if latest_only and not local.wants_deltas(session) else None
+        kept: list[Outbound] = list(in_flight.kept) if in_flight is not None else []
         local.waiting[session] = kept
         if latest_only:  # the newest entry, whatever the position: one message
             after, messages = 0, 1

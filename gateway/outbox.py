@@ -12,13 +12,16 @@ message, and what arrives after it waits behind it, within the bounds.
 
 A delta (:class:`~gateway.protocol.Text` with a ``full`` text) is useless to a client that
 did not get the message before it in its chain. So when the outbox drops a message of a
-chain, the next message of that chain it holds, if a delta, is swapped for its full text;
-if it holds none, the next one pushed is. (Once the outbox is empty, the hub's own check
-takes over: it sends the full text to a client whose queue dropped anything since.)
+chain, the next message of that chain it holds, if a delta, goes out as its full text when
+its turn comes (swapped then, not at once: a swap that grew the queue would make it drop
+more); if it holds none, the next one pushed is taken as its full text. (Once the outbox is
+empty, the hub's own check takes over: it sends the full text to a client whose queue
+dropped anything since.)
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Sequence
 
@@ -52,7 +55,16 @@ class Replay:
 
 
 class Outbox:
-    __slots__ = ("_broken", "_items", "bytes", "dropped", "max_bytes", "max_messages", "policy")
+    __slots__ = (
+        "_broken",
+        "_items",
+        "_unbased",
+        "bytes",
+        "dropped",
+        "max_bytes",
+        "max_messages",
+        "policy",
+    )
 
     def __init__(self, max_messages: int, max_bytes: int, policy: SlowConsumerPolicy) -> None:
         self.max_messages = max_messages
@@ -62,8 +74,11 @@ class Outbox:
         self.bytes = 0
         self.dropped = 0  # messages lost to drop-oldest / drop-newest
         #: Chains whose last message given to the outbox was dropped (None while there is
-        #: none): their next delta goes as its full text.
-        self._broken: set[object] | None = None
+        #: none): their next delta goes as its full text. Weak: a chain whose channel is
+        #: gone is not kept alive by a queue that never empties.
+        self._broken: weakref.WeakSet[object] | None = None
+        #: Queued deltas whose base was dropped: each goes as its full text when popped.
+        self._unbased: set[Outbound] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -93,7 +108,8 @@ class Outbox:
             return True
         while self._items and not self._fits(size):
             self._drop_oldest()
-            # What was dropped may have been the message before it.
+            # What was dropped may have been the message before it (nothing of its chain
+            # queued after that one): it arrives as its full text, counted as such.
             item = self._based(item)
             size = len(item)
         if size > self.max_bytes:  # a delta become its full text, too large after all
@@ -125,9 +141,12 @@ class Outbox:
         """``item`` arrived and was not queued: the next of its chain cannot be a delta."""
         self.dropped += 1
         if isinstance(item, Text):
-            if self._broken is None:
-                self._broken = set()
-            self._broken.add(item.chain)
+            self._break(item.chain)
+
+    def _break(self, chain: object) -> None:
+        if self._broken is None:
+            self._broken = weakref.WeakSet()
+        self._broken.add(chain)
 
     def _drop_oldest(self) -> None:
         oldest = self._items.popleft()
@@ -136,19 +155,19 @@ class Outbox:
             return
         self.bytes -= len(oldest)
         self.dropped += 1
+        if self._unbased:
+            self._unbased.discard(oldest)
         if not isinstance(oldest, Text):
             return
         # The next message of its chain, if queued and a delta, goes as its full text.
-        items = self._items
-        for index, queued in enumerate(items):
+        for queued in self._items:
             if isinstance(queued, Text) and queued.chain is oldest.chain:
                 if queued.full is not None:
-                    items[index] = queued.full
-                    self.bytes += len(queued.full) - len(queued)
+                    if self._unbased is None:
+                        self._unbased = set()
+                    self._unbased.add(queued)
                 return
-        if self._broken is None:
-            self._broken = set()
-        self._broken.add(oldest.chain)
+        self._break(oldest.chain)
 
     def pop_batch(self, max_bytes: int) -> list[Outbound]:
         """Take queued messages in order, at least one and then up to ``max_bytes`` in all.
@@ -165,11 +184,16 @@ class Outbox:
             return page
         batch: list[Outbound] = []
         total = 0
+        unbased = self._unbased
         while items and not isinstance(head := items[0], Replay):
             if batch and total + len(head) > max_bytes:
                 break
             items.popleft()
             total += len(head)
+            if unbased and head in unbased:
+                unbased.discard(head)
+                assert isinstance(head, Text) and head.full is not None
+                head = head.full
             batch.append(head)
         self.bytes -= total
         if not items:
@@ -181,5 +205,5 @@ class Outbox:
         count = sum(len(item) if isinstance(item, Replay) else 1 for item in self._items)
         self._items.clear()
         self.bytes = 0
-        self._broken = None
+        self._broken = self._unbased = None
         return count

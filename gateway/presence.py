@@ -4,12 +4,13 @@ leave frames, and the lease that lets the other replicas send their leaves if it
 Joins and leaves of a channel are gathered for ``window`` seconds, then written to the store
 in one call. Each window the replica sends a channel at most one ``join`` and one ``leave``
 frame, of at most :data:`EVENT_MEMBERS` members and :data:`EVENT_BYTES` bytes of them; the
-rest wait for the next windows, in order. When more than :data:`STORM_MEMBERS` wait, the
-frame lists what fits and says how many more there are (``more``), and the others are
-announced by that count only: whoever needs every name reads presence. So a storm (10,000
-clients arriving, a dead replica's clients leaving) costs each member of the room at most
-two frames of 4 KiB a window from each replica, never a frame per client, while up to 1,000
-joins or leaves are still announced one by one. A client that joins and leaves before its
+rest wait for the next windows, in order. When more than :data:`STORM_MEMBERS` wait (or
+entries of more than :data:`STORM_BYTES`), the frame lists what fits and says how many more
+there are (``more``), and the others are announced by that count only: whoever needs every
+name reads presence. So a storm (10,000 clients arriving, a dead replica's clients leaving)
+costs each member of the room at most two frames of 4 KiB a window from each replica, never
+a frame per client, while up to 1,000 joins or leaves (128 KiB of them) are still announced
+one by one. A client that joins and leaves before its
 join was announced is announced not at all.
 
 The replica's lease in the store names every member it holds before the store lists it, and
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from gateway.session import Session
     from gateway.stats import Stats
 
-__all__ = ["EVENT_BYTES", "EVENT_MEMBERS", "STORM_MEMBERS", "Presence"]
+__all__ = ["EVENT_BYTES", "EVENT_MEMBERS", "STORM_BYTES", "STORM_MEMBERS", "Presence"]
 
 log = logging.getLogger("gateway.presence")
 
@@ -55,9 +56,10 @@ log = logging.getLogger("gateway.presence")
 #: one entry: with the largest info, 1 KiB, and sub, 256 characters, an entry is under 2 KiB).
 EVENT_MEMBERS = 100
 EVENT_BYTES = 4096
-#: Joins (or leaves) waiting to be announced on one channel beyond which they are announced
-#: by their count.
+#: Joins (or leaves) waiting to be announced on one channel, or bytes of their entries (32
+#: frames' worth, 3.2 s of windows), beyond which they are announced by their count.
 STORM_MEMBERS = 1000
+STORM_BYTES = 32 * EVENT_BYTES
 
 
 class _Entry(msgspec.Struct, omit_defaults=True):
@@ -112,7 +114,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.joins: dict[str, Member] = {}
-        self.leaves: list[str] = []
+        self.leaves: dict[str, None] = {}  # an insertion-ordered set
 
 
 class Presence:
@@ -158,7 +160,14 @@ class Presence:
         shared[1] += 1
         member_of: Member = shared[0]
         held[session] = member_of
-        self._pending_of(channel).joins[member_of[0]] = member_of
+        pending = self._pending_of(channel)
+        if member_of[0] in pending.leaves:
+            # It left and came back within the window: the store and the lease still have
+            # it, and nobody was told it went. Writing the join, then the leave, would
+            # remove a member that is here.
+            del pending.leaves[member_of[0]]
+            return
+        pending.joins[member_of[0]] = member_of
         self._schedule()
 
     def left(self, session: Session, channel: str) -> None:
@@ -174,7 +183,7 @@ class Presence:
             del self._entries[session]
         pending = self._pending_of(channel)
         if pending.joins.pop(client, None) is None:  # a join still pending: as if never
-            pending.leaves.append(client)
+            pending.leaves[client] = None
         self._schedule()
 
     def _pending_of(self, channel: str) -> _Pending:
@@ -194,40 +203,50 @@ class Presence:
         task.add_done_callback(_log_failure)
 
     async def flush(self) -> None:
-        """Write what is pending and announce what is due; what cannot be written (Redis is
-        down) is dropped, and the next renewal writes every member still here again (their
-        leaves of the meantime are lost with the outage's messages)."""
+        """Write what is pending and announce what is due. What cannot be written (Redis is
+        down) is dropped, channel by channel, and the next renewal writes every member still
+        here again; the leaves of the meantime are lost with the outage's messages, and
+        their members expire after GATEWAY_PRESENCE_TTL."""
         async with self._writing:
             pending, self._pending = self._pending, {}
             store = self.backplane.presence
             ttl_ms = int(self.policy.ttl * 1000)
+            # The lease first: whatever the store lists, a survivor can find and remove.
+            added = [
+                member(client, channel)
+                for channel, changes in pending.items()
+                for client in changes.joins
+            ]
             try:
-                # The lease first: whatever the store lists, a survivor can find and remove.
-                added = [
-                    member(client, channel)
-                    for channel, changes in pending.items()
-                    for client in changes.joins
-                ]
                 if added:
                     await self._record(added, [])
-                removed: list[str] = []
-                for channel, changes in pending.items():
+            except BackplaneUnavailable as exc:
+                self._rebuild = True
+                self._warn("presence not written: %s", exc)
+                pending = {}
+            removed: list[str] = []
+            for channel, changes in pending.items():
+                try:
                     if changes.joins:
                         joins = list(changes.joins.values())
                         await store.join(channel, joins, ttl_ms)
                         self.stats.presence["join"] += len(joins)
                         self._queue(channel, "join", [entry for _, _, entry in joins])
                     if changes.leaves:
-                        left = await store.leave(channel, changes.leaves)
+                        clients = list(changes.leaves)
+                        left = await store.leave(channel, clients)
+                        removed += (member(client, channel) for client in clients)
                         self.stats.presence["leave"] += len(left)
                         self._queue(channel, "leave", left)
-                        removed += (member(client, channel) for client in changes.leaves)
-                # ... and last: a member leaves the lease once the store has let it go.
-                if removed:
+                except BackplaneUnavailable as exc:
+                    self._rebuild = True
+                    self._warn("presence of %s not written: %s", channel, exc)
+            # ... and last: a member leaves the lease once the store has let it go.
+            if removed:
+                try:
                     await self._record([], removed)
-            except BackplaneUnavailable as exc:
-                self._rebuild = True
-                self._warn("presence not written: %s", exc)
+                except BackplaneUnavailable as exc:  # a dead replica's reaper finds none
+                    self._warn("presence lease not updated: %s", exc)
             await self._announce_due()
 
     async def _record(self, added: list[str], removed: list[str]) -> None:
@@ -265,7 +284,7 @@ class Presence:
                     listed.append(queued.pop(client))
                     size += len(entry) + 1
                 more = 0
-                if len(queued) >= STORM_MEMBERS:
+                if len(queued) >= STORM_MEMBERS or _size(queued) > STORM_BYTES:
                     more = len(queued)
                     queued.clear()
                 data = _EventData(msgspec.Raw(b"[" + b",".join(listed) + b"]"), more)
@@ -345,7 +364,10 @@ class Presence:
                         await self._record([member(client, channel) for client, _, _ in batch], [])
                         await store.join(channel, batch, ttl_ms)
                     elif await store.touch(channel, [client for client, _, _ in batch], ttl_ms):
-                        await store.join(channel, batch, ttl_ms)  # Redis lost some
+                        # Redis lost some (a restart; or a survivor reaped this replica while
+                        # it stalled, its lease with it): written and recorded again.
+                        await self._record([member(client, channel) for client, _, _ in batch], [])
+                        await store.join(channel, batch, ttl_ms)
 
     async def _reap(self) -> None:
         for replica, members in await self.backplane.presence.claim_dead():
@@ -390,6 +412,10 @@ class Presence:
     def _warn(self, text: str, *args: object) -> None:
         if self._log.ready():
             log.warning(text + "; %d more since the last line", *args, self._log.take_suppressed())
+
+
+def _size(queued: dict[str, bytes]) -> int:
+    return sum(len(entry) for entry in queued.values())
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

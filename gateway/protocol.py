@@ -126,7 +126,9 @@ class PresenceRequest(msgspec.Struct, tag="presence", tag_field="op", frozen=Tru
 
     channel: str
     id: RequestId | None = None
-    cursor: Annotated[str, msgspec.Meta(max_length=64, pattern="^[0-9]+$")] = "0"
+    # \Z, not $: msgspec searches with Python's re, where $ also matches before a final
+    # newline ("5\n" would pass, and Redis would refuse it).
+    cursor: Annotated[str, msgspec.Meta(max_length=64, pattern="^[0-9]+\\Z")] = "0"
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 

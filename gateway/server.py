@@ -598,7 +598,7 @@ class Gateway:
         rate = self.settings.presence_read_rate
         now = session.connection.loop.time()
         if session.presence_reads is None:
-            session.presence_reads = TokenBucket(rate, 10 * rate, now)
+            session.presence_reads = TokenBucket(rate, max(1.0, 10 * rate), now)
         if not session.presence_reads.take(now):
             raise RequestError(
                 ErrorCode.LIMIT, f"presence reads are limited to {rate:g} a second", request.id

@@ -673,7 +673,7 @@ class Session:
         sent = self.ping_sent
         if sent is not None:
             if now - sent >= self.limits.ping_timeout and self.close_code is None:
-                self.close(Close.INTERNAL_ERROR, "keepalive ping timeout")
+                self.close(Close.INTERNAL_ERROR, "keepalive ping timeout", cause="keepalive")
             return
         if now < self.ping_due or self.close_code is not None:
             return

@@ -298,7 +298,7 @@ class Settings(BaseSettings):
     )
     presence_lease: Seconds = Field(
         10.0,
-        description="seconds a replica's lease lives unless renewed (every third of it): the "
+        description="seconds a replica's lease lives unless renewed (every sixth of it): the "
         "surviving replicas send the leaves of a dead replica's clients at most this much, "
         "plus a third of it, after it died",
     )

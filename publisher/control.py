@@ -51,10 +51,11 @@ ACK_TTL_MS = 60_000
 MAX_REASON_BYTES = 123
 #: A token's ``sub``, as the gateway reads it.
 USER_MAX_LENGTH = 256
-#: The largest request a replica reads, bytes: every valid one fits (its fields are bounded:
-#: about 6 KiB with every character escaped); a larger one is refused unread and not
-#: acknowledged, so a flood of megabytes costs a replica nothing.
-MAX_REQUEST_BYTES = 8192
+#: The largest request a replica reads, bytes: every request of the schema's fields fits,
+#: however it escapes them (12 KiB with every character a \uXXXX pair); a larger one (only
+#: unknown fields can make it so) is refused unread and not acknowledged, so a flood of
+#: megabytes costs a replica nothing and its queue holds at most 16 MiB.
+MAX_REQUEST_BYTES = 16384
 
 
 #: How a replica acknowledges: KEYS[1] the ack list, ARGV[1] the acknowledgement, ARGV[2] the

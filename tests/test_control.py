@@ -23,6 +23,7 @@ from gateway.access import Access, personal_channel
 from publisher import AsyncPublisher, Publisher
 from publisher.control import (
     CONTROL_CHANNEL,
+    MAX_REQUEST_BYTES,
     ControlError,
     ControlResult,
     RefusedControl,
@@ -195,6 +196,25 @@ def test_the_schema_and_the_replicas_agree_on_any_request(
     assert schema_accepts(request_) == reader_accepts(json.dumps(request_)), request_
 
 
+def test_every_request_of_the_schema_s_fields_fits_however_escaped() -> None:
+    """MAX_REQUEST_BYTES refuses only what unknown fields make large: a request with every
+    field at its longest, each character a surrogate pair written as two \\u escapes."""
+    emoji = "\U0001f600"
+    request_ = {
+        "v": 1,
+        "op": "disconnect",
+        "user": emoji * 256,
+        "reason": emoji * 123,
+        "code": 4999,
+        "id": "\\" * 128,
+        "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+        "tracestate": emoji * 512,
+    }
+    payload = json.dumps(request_, ensure_ascii=True).encode()
+    assert len(payload) <= MAX_REQUEST_BYTES, len(payload)
+    assert parse_control(payload).user == emoji * 256
+
+
 @pytest.mark.parametrize(
     ("payload", "request_id", "why"),
     [
@@ -217,9 +237,9 @@ def test_the_schema_and_the_replicas_agree_on_any_request(
             "nested too deeply",
         ),
         (
-            b'{"v":1,"op":"disconnect","user":"a","id":"r7","x":"' + b"x" * 8200 + b'"}',
+            b'{"v":1,"op":"disconnect","user":"a","id":"r7","x":"' + b"x" * 16400 + b'"}',
             None,
-            "over 8192 bytes",
+            "over 16384 bytes",
         ),
     ],
 )
@@ -413,7 +433,7 @@ async def test_requests_larger_than_any_valid_one_are_refused_unread(
     redis_server: RedisServer, gateway_factory: GatewayFactory
 ) -> None:
     """300 requests of 1 MB: before, each waited whole in the queue of 1,024 (the replica
-    went from 65 to 352 MB and stayed there). Now one over MAX_REQUEST_BYTES (8 KiB, more
+    went from 65 to 352 MB and stayed there). Now one over MAX_REQUEST_BYTES (16 KiB, more
     than any valid request) is refused unread and counted as malformed."""
     gateway = gateway_factory({**ENV, "GATEWAY_REDIS_URL": redis_server.url})
     assert gateway.process is not None
@@ -432,6 +452,8 @@ async def test_requests_larger_than_any_valid_one_are_refused_unread(
             )
         assert gateway.metric("wsgateway_backplane_reconnects_total") == 0
         assert rss_kib(gateway.process.pid) - before < 16 * 1024
+        # Refused as it arrived, before the queue: not parsed by the control task.
+        assert "dropped a control request of 1000047 bytes, unread" in gateway.logs()
         with Publisher(redis_server.url) as publisher:  # the next one is served at once
             assert publisher.disconnect("alice", reason="é" * 100).connections == 1
         # A close frame carries 123 bytes of reason: cut at a character boundary.

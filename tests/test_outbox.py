@@ -109,6 +109,10 @@ def test_a_replay_counts_as_one_message_and_goes_whole_when_dropped() -> None:
 # Deltas: a queue that drops a message of a chain never leaves a delta without its base
 
 
+class Chain:
+    """Stands for a channel's DeltaChain: something a queue can hold a weak reference to."""
+
+
 def chain_of(chain: object, offsets: range, size: int = 40) -> list[tuple[Text, Text]]:
     """For each offset: its full text (``size`` bytes) and its delta (a few bytes)."""
     pairs = []
@@ -120,7 +124,7 @@ def chain_of(chain: object, offsets: range, size: int = 40) -> list[tuple[Text, 
 
 def test_drop_oldest_sends_the_delta_after_a_dropped_message_as_its_full_text() -> None:
     outbox = Outbox(3, 10**6, "drop-oldest")
-    a, b = object(), object()
+    a, b = Chain(), Chain()
     (a1, _), (_, a2), (_, a3) = chain_of(a, range(1, 4))
     (b1, _), (_, b2) = chain_of(b, range(1, 3))
     for pushed in (a1, b1, a2):
@@ -132,7 +136,7 @@ def test_drop_oldest_sends_the_delta_after_a_dropped_message_as_its_full_text() 
 
 
 def test_a_dropped_message_with_nothing_of_its_chain_queued_makes_the_next_one_full() -> None:
-    a = object()
+    a = Chain()
     pairs = chain_of(a, range(1, 6))
     # drop-newest: message 2 does not fit, 3 (a small delta) would, but its base is gone.
     outbox = Outbox(10, len(pairs[0][0]) + 10, "drop-newest")
@@ -152,8 +156,29 @@ def test_a_dropped_message_with_nothing_of_its_chain_queued_makes_the_next_one_f
     assert [i.text.split()[0] for i in outbox.pop_batch(10**9)] == [b"8", b"F2"]
 
 
+def test_drop_oldest_drops_only_what_makes_room_when_deltas_lose_their_base() -> None:
+    """A delta behind a dropped message goes as its full text when its turn comes, not at
+    once: swapping it in the queue grew the queue, which dropped more, which swapped more
+    (39 of 40 messages lost where 19 made room)."""
+    a = Chain()
+    outbox = Outbox(100, 2048, "drop-oldest")
+    fulls = []
+    for n in range(20):
+        full = Text(b"F%02d" % n + b" " * 1497, None, n, a)
+        fulls.append(full)
+        outbox.push(Text(b"D%02d" % n + b" " * 37, None, n, a, full))  # 40 bytes
+        outbox.push(item(100 + n, 40))
+    assert outbox.dropped == 0
+    outbox.push(item(999, 1100))
+    assert outbox.dropped <= 20, outbox.dropped  # what 1,100 bytes need, no more
+    sent = [i.text.split()[0] for i in outbox.pop_batch(10**9)]
+    first = sent[0]
+    assert first.startswith(b"F") or first.startswith(b"1"), sent[:3]  # a base, then deltas
+    assert b"999" in sent[-1] and all(not s.startswith(b"D") for s in sent[:1])
+
+
 def test_an_emptied_queue_forgets_what_it_dropped_and_plain_messages_are_untouched() -> None:
-    a = object()
+    a = Chain()
     pairs = chain_of(a, range(1, 4))
     outbox = Outbox(1, 10**6, "drop-newest")
     outbox.push(item(1))

@@ -274,6 +274,98 @@ async def test_a_replica_killed_as_its_clients_join_still_sends_their_leaves(
         assert listed["clients"] == 1
 
 
+@pytest.mark.parametrize("backplane", ["memory", "redis"])
+async def test_leaving_and_coming_back_within_a_window_keeps_the_member(
+    request: pytest.FixtureRequest, gateway_factory: GatewayFactory, backplane: str
+) -> None:
+    """A client that unsubscribes and subscribes again at once (as a delta client that lost
+    its base does): before, the join was written, then the leave, and the member vanished
+    from presence (and from the replica's lease) while still subscribed. Now nothing
+    changes, and nobody is told anything."""
+    env = dict(PRESENCE)
+    if backplane == "redis":
+        env["GATEWAY_REDIS_URL"] = request.getfixturevalue("redis_server").url
+    gateway = gateway_factory(env)
+    async with (
+        client(f"{gateway.ws_url}?channels=room.r") as watcher,
+        client(f"{gateway.ws_url}?channels=room.r") as ws,
+    ):
+        await recv_json(watcher)
+        await recv_json(ws)
+        await events(watcher, "join", 2, 5)
+        for n in range(3):
+            assert (await ask(ws, {"op": "unsubscribe", "channel": "room.r", "id": n}))["op"] == (
+                "unsubscribed"
+            )
+            assert (await ask(ws, {"op": "subscribe", "channel": "room.r", "id": n}))["op"] == (
+                "subscribed"
+            )
+        await expect_silence(watcher, 0.5)  # no leave, no join: the windows went by
+        stats = await ask(watcher, {"op": "presence_stats", "channel": "room.r", "id": 1})
+        assert stats["clients"] == 2, stats
+
+
+async def test_members_redis_lost_are_written_and_leased_again(
+    redis_server: RedisServer, gateway_factory: GatewayFactory
+) -> None:
+    """A replica frozen (SIGSTOP) past its lease is reaped by a survivor, which removes its
+    members and sends their leaves. Thawed, it finds them missing at its next renewal and
+    writes them again, recording them in its lease too: killed afterwards, they get their
+    leave again. Before, they came back to presence without the lease, and stayed there
+    after its death until GATEWAY_PRESENCE_TTL."""
+    env = {**PRESENCE, "GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_PRESENCE_TTL": "4"}
+    survivor, doomed = gateway_factory(env), gateway_factory(env)
+    async with (
+        client(f"{survivor.ws_url}?channels=room.f") as watcher,
+        client(f"{doomed.ws_url}?channels=room.f"),
+    ):
+        await recv_json(watcher)
+        await events(watcher, "join", 2, 5)
+        doomed.signal(signal.SIGSTOP)
+        await events(watcher, "leave", 1, LEASE + LEASE / 3 + REAP_ALLOWANCE)
+        doomed.signal(signal.SIGCONT)
+
+        async def counted() -> int:
+            stats = await ask(watcher, {"op": "presence_stats", "channel": "room.f", "id": 1})
+            return int(stats["clients"])
+
+        deadline = time.monotonic() + 4 / 3 + 1.0  # its next renewal of the TTL
+        while await counted() != 2:
+            assert time.monotonic() < deadline, "not written again"
+            await asyncio.sleep(0.1)
+        doomed.signal(signal.SIGKILL)
+        await events(watcher, "leave", 1, LEASE + LEASE / 3 + REAP_ALLOWANCE)
+        assert await counted() == 1
+
+
+async def test_a_join_storm_of_large_entries_is_counted_past_128_kib(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """150 members with an info near 1 KiB join at once: three a frame would take 50
+    windows (5 s) to name, so past 128 KiB of waiting entries the frame names what fits
+    and counts the rest."""
+    gateway = gateway_factory(WITH_TOKENS)
+    info = {"bio": "x" * 1000}
+    async with contextlib.AsyncExitStack() as stack:
+        watcher = await stack.enter_async_context(as_user(gateway, "watch", "room.s"))
+        await recv_json(watcher)
+        await events(watcher, "join", 1, 5)
+        crowd = [
+            await stack.enter_async_context(as_user(gateway, f"u{n}", "room.s", info=info))
+            for n in range(150)
+        ]
+        for ws in crowd:
+            await recv_json(ws)
+        frames = []
+        while sum(len(f["members"]) + f.get("more", 0) for f in frames) < 150:
+            frame = await recv_json(watcher, timeout=5)
+            if frame["op"] == "join":
+                frames.append(frame)
+    assert all(len(f["members"]) <= 3 for f in frames)
+    assert any(f.get("more", 0) > 0 for f in frames), [len(f["members"]) for f in frames]
+    assert len(frames) <= 150 * 1100 // (128 * 1024) + 10, len(frames)
+
+
 async def test_churn_around_renewals_leaves_no_member_behind(
     redis_server: RedisServer, gateway_factory: GatewayFactory
 ) -> None:
@@ -431,8 +523,10 @@ async def test_a_join_storm_is_coalesced_and_presence_pages(
         ({"op": "presence", "channel": "bad name", "id": 1}, "bad_request"),
         ({"op": "presence", "channel": "room.secret", "id": 1}, "forbidden"),  # not in its claim
         ({"op": "presence_stats", "channel": "@@replicas", "id": 1}, "bad_request"),
-        # Not a Redis cursor (over 2^64 - 1): was "unavailable" with Redis' error text.
+        # Not a Redis cursor (over 2^64 - 1, or a newline after the digits): was
+        # "unavailable" with Redis' error text.
         ({"op": "presence", "channel": "room.1", "cursor": str(2**64), "id": 1}, "bad_request"),
+        ({"op": "presence", "channel": "room.1", "cursor": "5\n", "id": 1}, "bad_request"),
     ],
 )
 async def test_bad_presence_requests_get_documented_errors(
@@ -492,6 +586,15 @@ async def test_presence_reads_have_a_rate_of_their_own(gateway_factory: GatewayF
         assert (await ask(ws, {"op": "presence_stats", "channel": "room.1", "id": 3}))["op"] == (
             "presence_stats"
         )
+
+
+async def test_a_rate_below_a_tenth_still_allows_one_read(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory({**PRESENCE, "GATEWAY_PRESENCE_READ_RATE": "0.05"})
+    async with client(f"{gateway.ws_url}?channels=room.1") as ws:
+        await recv_json(ws)
+        first = await ask(ws, {"op": "presence_stats", "channel": "room.1", "id": 1})
+        second = await ask(ws, {"op": "presence_stats", "channel": "room.1", "id": 2})
+        assert (first["op"], second.get("code")) == ("presence_stats", "limit")
 
 
 async def test_nobody_reads_who_is_on_another_user_s_personal_channel(
