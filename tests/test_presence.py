@@ -356,7 +356,7 @@ async def test_a_join_storm_of_large_entries_is_counted_past_128_kib(
         ]
         for ws in crowd:
             await recv_json(ws)
-        frames = []
+        frames: list[dict[str, Any]] = []
         while sum(len(f["members"]) + f.get("more", 0) for f in frames) < 150:
             frame = await recv_json(watcher, timeout=5)
             if frame["op"] == "join":
